@@ -1,0 +1,296 @@
+"""data/: the FineWeb downloader against a loopback Hub, and the tokenizer for one's own text."""
+import gzip, hashlib, json, os, pathlib, re, runpy, shutil, subprocess, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import numpy as np
+import pytest
+import tiktoken
+
+from data import tokenize_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOWNLOADER = os.path.join(ROOT, "data", "cached_fineweb10B.py")
+TOKENIZER = os.path.join(ROOT, "data", "tokenize_text.py")
+TOKEN = "hf_loopback_test_token"
+EOT = 50256
+
+# ---------------------------------------------------------------- helpers
+
+def make_shard(n_tokens, seed):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = 20240520, 1, n_tokens
+    return header.tobytes() + np.random.default_rng(seed).integers(0, 50257, n_tokens).astype("<u2").tobytes()
+
+def read_shard(path):
+    """Independent reader: checks the contract, returns the tokens."""
+    raw = pathlib.Path(path).read_bytes()
+    header = np.frombuffer(raw[:1024], dtype="<i4")
+    assert header[0] == 20240520 and header[1] == 1 and not header[3:].any(), path
+    assert len(raw) == 1024 + 2 * int(header[2]), path
+    return np.frombuffer(raw[1024:], dtype="<u2")
+
+def one_error_line(result):
+    """The run failed with exactly one line on stderr and no traceback; return that line."""
+    assert result.returncode != 0, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+class LoopbackHub:
+    """Serves the Hub's file protocol on 127.0.0.1: HEAD/GET /datasets/{repo}/resolve/{revision}/{file},
+    with the headers hf_hub_download reads (X-Repo-Commit, ETag, Content-Length, X-Error-Code on 404).
+    Records every request; shuts itself down after 120 s at the latest."""
+
+    def __init__(self, repos):
+        self.repos, self.requests = repos, []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self): hub.reply(self, body=False)
+            def do_GET(self): hub.reply(self, body=True)
+            def log_message(self, *args): pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.timer = threading.Timer(120, self.stop)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def reply(self, h, body):
+        self.requests.append((h.command, h.path, h.headers.get("Authorization")))
+        m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/([^/?]+)", h.path)
+        files = self.repos.get(m.group(1)) if m else None
+        data = files.get(m.group(3)) if files is not None else None
+        h.send_response(200 if data is not None else 404)
+        h.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+        if data is None:
+            h.send_header("X-Error-Code", "EntryNotFound" if files is not None else "RepoNotFound")
+            h.send_header("Content-Length", "0")
+        else:
+            h.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if body and data is not None:
+            h.wfile.write(data)
+
+    def gets(self):
+        return sorted(path.rsplit("/", 1)[1] for method, path, _ in self.requests if method == "GET")
+
+    def stop(self):
+        self.timer.cancel()
+        self.server.shutdown()
+        self.server.server_close()
+
+FW = {"fineweb_val_000000.bin": make_shard(700, 0),
+      **{f"fineweb_train_{i:06d}.bin": make_shard(400 + 100 * i, i) for i in range(1, 4)}}
+EDU = {"finewebedu_val_000000.bin": make_shard(300, 10), "finewebedu_train_000001.bin": make_shard(500, 11)}
+
+@pytest.fixture
+def hub():
+    h = LoopbackHub({"kjj0/fineweb10B-gpt2": dict(FW), "kjj0/finewebedu10B-gpt2": dict(EDU)})
+    yield h
+    h.stop()
+
+def download(tmp_path, endpoint, *args, script=DOWNLOADER):
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("HF_", "HUGGINGFACE_")) and "PROXY" not in k.upper()}
+    env.update(HF_ENDPOINT=endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(tmp_path / "hf_cache"),
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1")
+    return subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=60)
+
+def bins(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith(".bin")) if os.path.isdir(folder) else []
+
+# ---------------------------------------------------------------- downloader
+
+def test_fresh_download_then_second_run_needs_no_network(hub, tmp_path):
+    out = tmp_path / "out"
+    r = download(tmp_path, hub.url, "2", "--dir", str(out))
+    assert r.returncode == 0, r.stderr
+    wanted = ["fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_val_000000.bin"]
+    assert bins(out) == wanted and hub.gets() == wanted
+    for name in wanted:
+        assert (out / name).read_bytes() == FW[name]
+        read_shard(out / name)
+    assert {auth for _, _, auth in hub.requests} == {f"Bearer {TOKEN}"}  # HF_TOKEN reaches the Hub
+    assert not list((tmp_path / "hf_cache").rglob("*.bin"))  # nothing lands in the Hub cache
+    hub.requests.clear()
+    r = download(tmp_path, hub.url, "2", "--dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert hub.requests == []  # complete files are skipped without asking the Hub
+    assert all((out / name).read_bytes() == FW[name] for name in wanted)
+
+def test_truncated_corrupt_and_missing_shards_are_repaired(hub, tmp_path):
+    out = tmp_path / "out"
+    assert download(tmp_path, hub.url, "3", "--dir", str(out)).returncode == 0
+    with open(out / "fineweb_train_000001.bin", "r+b") as f:  # interrupted: the client's ETag metadata still matches
+        f.truncate(len(FW["fineweb_train_000001.bin"]) - 100)
+    with open(out / "fineweb_train_000002.bin", "r+b") as f:  # right size, wrong magic
+        f.write(np.array([12345], dtype="<i4").tobytes())
+    os.remove(out / "fineweb_train_000003.bin")
+    hub.requests.clear()
+    r = download(tmp_path, hub.url, "3", "--dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert hub.gets() == ["fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_train_000003.bin"]
+    assert not any("val" in path for _, path, _ in hub.requests)
+    assert bins(out) == sorted(FW) and all((out / name).read_bytes() == FW[name] for name in FW)
+
+def test_server_gone(hub, tmp_path):
+    out = tmp_path / "out"
+    assert download(tmp_path, hub.url, "2", "--dir", str(out)).returncode == 0
+    hub.stop()
+    os.remove(out / "fineweb_train_000002.bin")
+    line = one_error_line(download(tmp_path, hub.url, "2", "--dir", str(out)))
+    assert "fineweb_train_000002.bin" in line
+    assert bins(out) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+    with open(out / "fineweb_train_000001.bin", "r+b") as f:  # a partial shard is not left behind
+        f.truncate(5000)
+    line = one_error_line(download(tmp_path, hub.url, "2", "--dir", str(out)))
+    assert "fineweb_train_000001.bin" in line
+    assert bins(out) == ["fineweb_val_000000.bin"] and (out / "fineweb_val_000000.bin").read_bytes() == FW["fineweb_val_000000.bin"]
+
+def test_shard_missing_on_the_hub(hub, tmp_path):
+    out = tmp_path / "out"
+    line = one_error_line(download(tmp_path, hub.url, "4", "--dir", str(out)))
+    assert "fineweb_train_000004.bin" in line
+    assert bins(out) == sorted(FW) and all((out / name).read_bytes() == FW[name] for name in FW)
+
+def test_invalid_shard_from_the_hub_is_deleted(hub, tmp_path):
+    out = tmp_path / "out"
+    bad = bytearray(FW["fineweb_train_000001.bin"])
+    bad[8:12] = np.array([10**6], dtype="<i4").tobytes()  # header claims more tokens than the file holds
+    hub.repos["kjj0/fineweb10B-gpt2"]["fineweb_train_000001.bin"] = bytes(bad)
+    line = one_error_line(download(tmp_path, hub.url, "2", "--dir", str(out)))
+    assert "fineweb_train_000001.bin" in line
+    assert bins(out) == ["fineweb_val_000000.bin"]
+
+def test_edu_set_into_the_default_folder(hub, tmp_path):
+    script = tmp_path / "data" / "cached_fineweb10B.py"  # a copy, so the default folder is beside it in tmp
+    script.parent.mkdir()
+    shutil.copy(DOWNLOADER, script)
+    r = download(tmp_path, hub.url, "1", "--set", "finewebedu10B", script=str(script))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "data" / "finewebedu10B"
+    assert bins(out) == sorted(EDU) and all((out / name).read_bytes() == EDU[name] for name in EDU)
+    assert all(path.startswith("/datasets/kjj0/finewebedu10B-gpt2/resolve/main/") for _, path, _ in hub.requests)
+
+@pytest.mark.parametrize("args,named", [(["104"], "104"), (["abc"], "abc"), (["-1"], "-1"), (["5", "--set", "fw1B"], "fw1B")])
+def test_bad_arguments(hub, tmp_path, args, named):
+    line = one_error_line(download(tmp_path, hub.url, *args, "--dir", str(tmp_path / "out")))
+    assert line.startswith("error:") and named in line
+    assert hub.requests == [] and not (tmp_path / "out").exists()
+
+# ---------------------------------------------------------------- tokenizer
+
+# A small byte-level BPE with a few merges, <|endoftext|> at GPT-2's id; also a tiktoken plugin for the CLI.
+PLUGIN = r'''
+def tiny(big_id=False):
+    ranks = {bytes([i]): i for i in range(256)}
+    for i, merge in enumerate([b"th", b"he", b"the", b"in", b" t", b" the", b"er", b"an", b"\xc3\xa9"]):
+        ranks[merge] = 256 + i
+    if big_id:
+        ranks[b"zz"] = 70000
+    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return dict(name="tiny_test", pat_str=pat, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
+ENCODING_CONSTRUCTORS = {"tiny_test": tiny}
+'''
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("plugin")
+    (d / "tiktoken_ext").mkdir()
+    (d / "tiktoken_ext" / "speedrun_tiny_test.py").write_text(PLUGIN)
+    return d
+
+@pytest.fixture(scope="module")
+def enc(plugin_dir):
+    return tiktoken.Encoding(**runpy.run_path(str(plugin_dir / "tiktoken_ext" / "speedrun_tiny_test.py"))["tiny"]())
+
+WORDS = "the then there in inn thin ant banter é café naïve 42 ✓ <|endoftext|> it's ,.;!".split()
+
+def make_docs(n, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, int(rng.integers(1, 60)))) + "\n" * int(rng.integers(0, 2)) for _ in range(n)]
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of .txt / .jsonl / .jsonl.gz files (and a file to ignore); returns (folder, docs in order)."""
+    d = tmp_path_factory.mktemp("corpus")
+    docs = make_docs(40, 0)
+    (d / "a").mkdir()
+    (d / "a" / "1.txt").write_text(docs[0], encoding="utf-8")
+    (d / "a" / "2.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs[1:20])) + "\n")
+    with gzip.open(d / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in docs[20:39])
+    (d / "c.txt").write_text(docs[39], encoding="utf-8")
+    (d / "notes.md").write_text("not part of the corpus")
+    return d, docs
+
+def split_docs(tokens, enc):
+    """Decode a token stream into documents at every <|endoftext|>; each must start one."""
+    starts = np.flatnonzero(tokens == EOT)
+    assert len(starts) and starts[0] == 0
+    return [enc.decode(tokens[a + 1:b].tolist()) for a, b in zip(starts, list(starts[1:]) + [len(tokens)])]
+
+def test_round_trip_and_val_train_split(corpus, enc, tmp_path):
+    folder, docs = corpus
+    paths = tokenize_text.tokenize([str(folder)], str(tmp_path), enc, prefix="t", shard_size=300, val_tokens=250)
+    lengths = np.array([1 + len(enc.encode_ordinary(d)) for d in docs])
+    n_val = int(np.searchsorted(np.cumsum(lengths), 250)) + 1  # documents that hold the first 250 tokens
+    n_train = int(lengths[n_val:].sum())
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in paths) == \
+        sorted(["t_val_000000.bin"] + [f"t_train_{i:06d}.bin" for i in range(1, -(-n_train // 300) + 1)])
+    val = read_shard(tmp_path / "t_val_000000.bin")
+    assert split_docs(val, enc) == docs[:n_val] and len(val) >= 250
+    train = [read_shard(tmp_path / f"t_train_{i:06d}.bin") for i in range(1, len(paths))]
+    assert all(len(t) == 300 for t in train[:-1]) and 0 < len(train[-1]) <= 300
+    assert split_docs(np.concatenate(train), enc) == docs[n_val:]
+
+def test_same_output_for_any_worker_count_and_the_cli(corpus, enc, plugin_dir, tmp_path):
+    folder, _ = corpus
+    tokenize_text.tokenize([str(folder)], str(tmp_path / "one"), enc, shard_size=200, val_tokens=100, workers=1)
+    env = dict(os.environ, PYTHONPATH=str(plugin_dir))
+    r = subprocess.run([sys.executable, TOKENIZER, str(folder), "--out", str(tmp_path / "two"), "--shard_size", "200",
+                        "--val_tokens", "100", "--workers", "2", "--encoding", "tiny_test"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    names = os.listdir(tmp_path / "one")
+    assert len(names) > 3 and sorted(os.listdir(tmp_path / "two")) == sorted(names)
+    assert all((tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes() for n in names)
+
+@pytest.mark.parametrize("mode,sep", [("paragraph", "\n\n"), ("line", "\n")])
+def test_text_file_split_into_documents(enc, tmp_path, mode, sep):
+    docs = [d.replace("\n", " ").strip() for d in make_docs(12, 1)]
+    (tmp_path / "in.txt").write_text(sep.join(docs), encoding="utf-8")
+    tokenize_text.tokenize([str(tmp_path / "in.txt")], str(tmp_path / "out"), enc, val_tokens=0, txt_docs=mode)
+    assert os.listdir(tmp_path / "out") == ["text_train_000001.bin"]  # no val shard asked for
+    assert split_docs(read_shard(tmp_path / "out" / "text_train_000001.bin"), enc) == docs
+
+def test_token_id_that_does_not_fit_uint16(plugin_dir, tmp_path):
+    big = tiktoken.Encoding(**runpy.run_path(str(plugin_dir / "tiktoken_ext" / "speedrun_tiny_test.py"))["tiny"](big_id=True))
+    lines = [json.dumps({"text": t}) for t in ["the thin ant " * 20, "banter", "a buzzword", "more"]]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines))
+    with pytest.raises(tokenize_text.TokenizeError, match=r"in\.jsonl:3: token id 70000 .*65536"):
+        tokenize_text.tokenize([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), big, shard_size=20, val_tokens=30)
+    assert os.listdir(tmp_path / "out") == []  # the val and train shards written before are gone
+
+def test_cli_bad_input_is_one_line(corpus, plugin_dir, tmp_path):
+    folder, _ = corpus
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    (tmp_path / "empty.txt").write_text(" \n")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "text_train_000007.bin").write_bytes(b"")
+    cases = [([str(tmp_path / "nope.txt")], "nope.txt"),
+             ([str(tmp_path / "bad.jsonl"), "--val_tokens", "0"], "bad.jsonl:2"),
+             ([str(folder), "--val_tokens", "100000"], "--val_tokens"),
+             ([str(folder), "--out", str(tmp_path / "old")], "text_*.bin"),
+             ([str(folder), "--shard_size", "0"], "--shard_size"),
+             ([str(tmp_path / "empty.txt")], "no documents"),
+             ([str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8")]
+    env = dict(os.environ, PYTHONPATH=str(plugin_dir))
+    for args, named in cases:
+        out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+        r = subprocess.run([sys.executable, TOKENIZER, *args, *out, "--encoding", "tiny_test", "--workers", "1"],
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert named in one_error_line(r), r.stderr
+    assert bins(tmp_path / "out") == [] and os.listdir(tmp_path / "old") == ["text_train_000007.bin"]
