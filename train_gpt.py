@@ -1,0 +1,788 @@
+# GPT-2-small-class speedrun trainer: FineWeb val loss <= 3.28 on 8xH100.
+# Recipe: modded-nanogpt record #43 "Cautious Weight Decay w/ schedule" (2245 steps of 262,144 tokens).
+# Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py [--name=value ...]   (1, 2, 4 or 8 GPUs: same math)
+import copy, dataclasses, glob, math, os, subprocess, sys, threading, time, uuid
+from dataclasses import dataclass
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+@dataclass
+class Hyperparameters:
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob pattern, read in sorted order
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    val_tokens: int = 10485760          # validation covers exactly this many target tokens
+    val_seq_len: int = 262144           # tokens per validation forward (per rank), as the record
+    val_head_chunk: int = 8192          # tokens per lm_head+loss chunk at evaluation (bounds logits memory)
+    train_batch_size: int = 2048 * 16 * 8  # global tokens per step, split into 8 slots (ranks x grad accumulation)
+    train_max_seq_len: int = 2048       # longest document piece; longer documents are cut
+    repeat_data: bool = False           # cycle the train files when they run out (else stop with an error)
+    num_iterations: int = 2245          # total steps, extension included
+    num_extension_iterations: int = 40  # final steps at the floor LR with the extension window
+    cooldown_frac: float = 0.5          # fraction of the scheduled steps spent in the linear LR cooldown
+    min_lr_frac: float = 0.1            # LR multiplier at the end of the cooldown
+    warmup_steps: int = 0               # LR warmup steps
+    val_loss_every: int = 250           # 0 = only at the end
+    vocab_size: int = 50304
+    model_dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 6
+    ws_schedule: tuple = (3, 7, 11)     # long attention window (128-token blocks) in equal thirds of the scheduled steps
+    ws_extension: int = 13              # long window in the extension steps
+    ws_validate: int = 20               # long window at the final validation (no YaRN update)
+    lr: float = 0.03                    # NorMuon
+    momentum: float = 0.95
+    momentum_min: float = 0.85
+    momentum_warmup_steps: int = 300
+    momentum_cooldown_steps: int = 50
+    beta2: float = 0.95
+    weight_decay: float = 1.2           # cautious, on the LR schedule: lambda_t = lr_t * weight_decay
+    adam_lr: float = 0.008
+    adam_beta1: float = 0.65
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_weight_decay: float = 0.0
+    kernel_warmup_steps: int = 30       # untimed steps that compile and warm kernels; state is restored after
+    compile: bool = True
+    seed: int = 0
+    run_id: str = ""                    # default: a fresh uuid4
+    save_checkpoint: bool = False
+    checkpoint_every: int = 0
+    resume: str = ""
+
+BOS, BLOCK = 50256, 128
+MAGIC, VERSION = 20240520, 1
+
+class UserError(Exception): pass
+
+def parse_args(argv, cls=Hyperparameters):
+    h, fields = cls(), {f.name for f in dataclasses.fields(cls)}
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: train_gpt.py [--name=value ...]\n" + "\n".join(f"  --{k}={v!r}" for k, v in dataclasses.asdict(h).items()))
+        sys.exit(0)
+    i = 0
+    while i < len(argv):
+        a = argv[i]; i += 1
+        name, eq, val = a[2:].partition("=")
+        if not a.startswith("--") or name not in fields:
+            raise UserError(f"unknown argument {a!r} (see --help for the hyperparameters)")
+        if not eq:
+            if i == len(argv): raise UserError(f"--{name} needs a value")
+            val = argv[i]; i += 1
+        default = getattr(h, name)
+        try:
+            if isinstance(default, bool):
+                if val.lower() not in ("0", "1", "true", "false"): raise ValueError
+                val = val.lower() in ("1", "true")
+            elif isinstance(default, tuple): val = tuple(int(v) for v in val.split(","))
+            else: val = type(default)(val)
+        except ValueError:
+            raise UserError(f"--{name}={val}: expected {type(default).__name__} like {default!r}") from None
+        setattr(h, name, val)
+    return h
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules (step is the 0-based optimizer step)
+
+def lr_schedule(step, h):
+    S = h.num_iterations - h.num_extension_iterations
+    x = min(step / S, 0.9999)
+    w = (1 - x) / h.cooldown_frac
+    m = 1.0 if x < 1 - h.cooldown_frac else w + (1 - w) * h.min_lr_frac
+    return m * min(1.0, (step + 1) / h.warmup_steps) if h.warmup_steps > 0 else m
+
+def muon_momentum(step, h):
+    warm = min(step / h.momentum_warmup_steps, 1) if h.momentum_warmup_steps > 0 else 1
+    start = h.num_iterations - h.momentum_cooldown_steps
+    cool = max(0, (step - start) / h.momentum_cooldown_steps) if h.momentum_cooldown_steps > 0 else 0
+    return h.momentum_min + (h.momentum - h.momentum_min) * (warm - cool)
+
+def window_blocks(step, h):
+    """(short, long) attention windows in 128-token blocks for a training step (or the final validation)."""
+    S = h.num_iterations - h.num_extension_iterations
+    if step >= h.num_iterations: long = h.ws_validate
+    elif step >= S: long = h.ws_extension
+    else: long = h.ws_schedule[min(len(h.ws_schedule) * step // S, len(h.ws_schedule) - 1)]
+    return (h.ws_extension if step >= S else long) // 2, long
+
+# ----------------------------------------------------------------------------------------------------
+# Polar Express orthogonalization (5 minimax quintics, bf16) and the FP8 head
+
+POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+def polar_express(G: Tensor) -> Tensor:
+    """Approximate polar factor U V^T of each matrix in G [..., m, n], in bf16."""
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall: X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for a, b, c in POLAR_EXPRESS:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+@torch.library.custom_op("speedrun::fp8_mm", mutates_args=())
+def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x @ w.T with both operands in e4m3 (scaled by constants); also returns the FP8 operands for backward."""
+    xf, wf = (x / x_s).to(torch.float8_e4m3fn), (w / w_s).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(xf, wf.T, out_dtype=torch.bfloat16, use_fast_accum=True,
+                           scale_a=x.new_tensor(x_s, dtype=torch.float32), scale_b=x.new_tensor(w_s, dtype=torch.float32))
+    return out, xf, wf
+
+@fp8_mm.register_fake
+def _(x, w, x_s, w_s):
+    return x @ w.T, x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+
+@torch.library.custom_op("speedrun::fp8_mm_backward", mutates_args=())
+def fp8_mm_backward(g: Tensor, xf: Tensor, wf: Tensor, x_s: float, w_s: float, g_s: float) -> tuple[Tensor, Tensor]:
+    gf = (g / g_s).to(torch.float8_e5m2)
+    s = lambda v: g.new_tensor(v, dtype=torch.float32)
+    grad_x = torch._scaled_mm(gf, wf.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=s(g_s), scale_b=s(w_s))
+    grad_w = torch._scaled_mm(xf.T.contiguous(), gf.T.contiguous().T, out_dtype=torch.float32, scale_a=s(x_s), scale_b=s(g_s)).T
+    return grad_x, grad_w
+
+@fp8_mm_backward.register_fake
+def _(g, xf, wf, x_s, w_s, g_s):
+    return g.new_empty(g.size(0), wf.size(1)), g.new_empty(wf.shape, dtype=torch.float32)
+
+def _fp8_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2]); ctx.scales = inputs[2], inputs[3]
+
+def _fp8_backward(ctx, grad, *_):
+    xf, wf = ctx.saved_tensors
+    return *fp8_mm_backward(grad, xf, wf, *ctx.scales, 1 / 448), None, None
+
+fp8_mm.register_autograd(_fp8_backward, setup_context=_fp8_setup)
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+class CastedLinear(nn.Linear):
+    def __init__(self, in_features, out_features, fp8=False):
+        super().__init__(in_features, out_features, bias=False)
+        self.fp8 = fp8
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        if self.fp8 and self.training:
+            out = fp8_mm(x.flatten(0, -2), self.weight, x.size(-1) ** 0.5 / 448, 2 ** -9)[0]
+            return out.view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.type_as(x))
+
+class Rotary(nn.Module):
+    """Half-truncated RoPE; YaRN rescales the frequencies and the attention scale when the window grows."""
+    def __init__(self, head_dim, max_len, dtype):
+        super().__init__()
+        self.head_dim, self.max_len = head_dim, max_len
+        self.register_buffer("cos", torch.empty(max_len, head_dim // 2, dtype=dtype), persistent=False)
+        self.register_buffer("sin", torch.empty(max_len, head_dim // 2, dtype=dtype), persistent=False)
+        self.reset()
+
+    def reset(self):
+        q = self.head_dim // 4
+        self.freq = torch.cat([(1 / 1024) ** torch.linspace(0, 1, q, dtype=torch.float64), torch.zeros(q, dtype=torch.float64)])
+        self.attn_scale, self.ws = 0.1, None
+        self._tables()
+
+    def _tables(self):
+        theta = torch.outer(torch.arange(self.max_len, dtype=torch.float64), self.freq)
+        self.cos.copy_(theta.cos()); self.sin.copy_(theta.sin())
+
+    def set_window(self, ws, alpha=1, beta=32):
+        if self.ws is not None and ws != self.ws:
+            rot = BLOCK * self.ws * self.freq / (2 * math.pi)
+            ramp, s = ((rot - alpha) / (beta - alpha)).clamp(0, 1), self.ws / ws
+            self.freq = self.freq * (s + ramp * (1 - s))
+            self.attn_scale *= 0.2 * math.log(ws / self.ws) + 1
+            self._tables()
+        self.ws = ws
+
+    def forward(self, x):  # x: [B, T, H, head_dim]
+        cos, sin = self.cos[None, :x.size(1), None, :], self.sin[None, :x.size(1), None, :]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+def doc_causal_window(docs: Tensor, window: int):
+    """mask_mod: key kv is visible from query q when causal, same document, and q - kv <= window tokens."""
+    def mask_mod(b, h, q, kv):
+        return (q >= kv) & (docs[q] == docs[kv]) & (q - kv <= window)
+    return mask_mod
+
+def make_masks(inputs: Tensor, windows, flex: bool):
+    """One attention mask per window (in 128-token blocks): a FlexAttention BlockMask, or the dense twin for SDPA."""
+    T = inputs.numel()
+    docs = (inputs == BOS).cumsum(0)
+    if not flex:
+        i = torch.arange(T, device=inputs.device)
+        return [doc_causal_window(docs, ws * BLOCK)(0, 0, i[:, None], i[None, :]) for ws in windows]
+    blk = torch.arange(T // BLOCK, device=inputs.device)
+    lo, hi = docs[0::BLOCK], docs[BLOCK - 1::BLOCK]
+    dist_ = blk[:, None] - blk[None, :]  # q block minus kv block
+    any_ = (dist_ >= 0) & (hi[None, :] >= lo[:, None])
+    one_doc = (lo == hi)[:, None] & (lo == hi)[None, :] & (lo[:, None] == lo[None, :])
+    def ordered(m):  # block-sparse indices: count and the visible kv blocks first, in order
+        return m.sum(-1, dtype=torch.int32)[None, None], m.int().argsort(dim=-1, descending=True, stable=True).int()[None, None]
+    masks = []
+    for ws in windows:
+        full = (dist_ > 0) & one_doc & (dist_ <= ws - 1)
+        partial = any_ & (dist_ <= ws) & ~full
+        masks.append(BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK,
+                                              mask_mod=doc_causal_window(docs, ws * BLOCK)))
+    return masks
+
+def attend(q, k, v, mask, scale):  # [B, T, H, D] in and out
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # contiguous: see DESIGN.md (compiled flex)
+    if isinstance(mask, BlockMask): y = flex_attention(q, k, v, block_mask=mask, scale=scale)
+    else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return y.transpose(1, 2)
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.qkvo_w = nn.Parameter(torch.empty(dim, 4 * dim))  # viewed as [4, dim, dim]: Q, K, V, O (out x in)
+        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
+        with torch.no_grad():
+            self.qkvo_w.view(4, dim, dim)[:3].uniform_(-bound, bound)
+            self.qkvo_w.view(4, dim, dim)[3].zero_()
+        self.gate = CastedLinear(12, num_heads)  # sparse attention gate on the first 12 dims of the input
+
+    def forward(self, x, ve, sa, mask, rotary):
+        B, T, D, H = *x.shape[:2], self.dim, self.num_heads
+        w = self.qkvo_w.view(4, D, D).type_as(x)
+        q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(B, T, 3 * H, D // H).chunk(3, dim=-2)
+        q, k = rotary(norm(q)), rotary(norm(k))
+        v = sa[0] * v + sa[1] * ve.view_as(v) if ve is not None else sa[0] * v
+        y = attend(q, k, v, mask, rotary.attn_scale)
+        y = y * torch.sigmoid(self.gate(x[..., :12])).unsqueeze(-1)
+        return F.linear(y.reshape(B, T, D), w[3])
+
+class MLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.c_fc = nn.Parameter(torch.empty(dim, 4 * dim).uniform_(-1, 1) * (3 ** 0.5 * 0.5 * dim ** -0.5))
+        self.c_proj = nn.Parameter(torch.zeros(dim, 4 * dim))
+        self.c_fc.lr_mul = 2.0
+
+    def forward(self, x):
+        return F.linear(F.relu(x @ self.c_fc.type_as(x)).square(), self.c_proj.type_as(x))
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, attn, mlp):
+        super().__init__()
+        self.attn = Attention(dim, num_heads) if attn else None
+        self.mlp = MLP(dim) if mlp else None
+
+    def forward(self, x, x0, lambdas, sa, ve, mask, rotary):
+        x = lambdas[0] * x + lambdas[1] * x0
+        if self.attn is not None: x = x + self.attn(norm(x), ve, sa, mask, rotary)
+        if self.mlp is not None: x = x + self.mlp(norm(x))
+        return x
+
+def layout(L):
+    """The record's 12-layer structure, scaled to L layers (block 0 is empty in all)."""
+    no_attn = {0, 7 * L // 12} if L >= 4 else {0}
+    n_skip = (L - 2) // 2  # U-net: outputs of layers 1..n_skip feed layers n_skip+1..2*n_skip (last in, first out)
+    ve = [None] * L  # value-embedding table per layer: ve1, ve2 on layers 1, 2; ve0, ve1, ve2 on the last three
+    for layer, table in [(1, 1), (2, 2)] + [(L - 3 + j, j) for j in range(3)]:
+        if 1 <= layer < L and layer not in no_attn: ve[layer] = table
+    used = sorted({t for t in ve if t is not None})  # small models: number the tables that are used 0, 1, ...
+    ve = [None if t is None else used.index(t) for t in ve]
+    return dict(no_attn=no_attn, push=range(1, n_skip + 1), pop=range(n_skip + 1, 2 * n_skip + 1),
+                backout=2 * L // 3, long={L // 3, L - 1}, ve=ve, n_ve=len(used))
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters, max_len: int, dtype=torch.bfloat16):
+        super().__init__()
+        L, D, V = h.num_layers, h.model_dim, h.vocab_size
+        self.lay = layout(L)
+        self.embed = nn.Embedding(V, D)
+        self.value_embeds = nn.ModuleList(nn.Embedding(V, D) for _ in range(self.lay["n_ve"]))
+        self.smear_gate = CastedLinear(12, 1)
+        self.blocks = nn.ModuleList(Block(D, h.num_heads, i not in self.lay["no_attn"], i > 0) for i in range(L))
+        self.rotary = Rotary(D // h.num_heads, max_len, dtype)
+        self.lm_head = CastedLinear(D, V, fp8=dtype == torch.bfloat16 and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9))
+        n = 5 * L + 2  # skip weights, block lambdas (2 per layer), value-embedding lambdas (2 per layer), smear, backout
+        self.scalars = nn.Parameter(torch.cat([torch.full((L,), -1.5), torch.tensor([1.0, 0.0]).repeat(L),
+                                               torch.tensor([0.5, 0.5]).repeat(L), torch.tensor([0.0, 0.5]), torch.zeros(-n % 8)]))
+        for m in self.modules():  # embeddings and linear layers store bf16 (the compute dtype); big matrices and scalars fp32
+            if isinstance(m, (nn.Embedding, nn.Linear)): m.to(dtype)
+
+    def forward(self, inputs: Tensor, targets: Tensor, masks, head_chunk=8192):
+        """Sum of the token losses. masks: one per layer (None where the layer has no attention)."""
+        L, s = len(self.blocks), self.scalars
+        skip_w, lambdas, sa = s[:L], s[L:3 * L].view(L, 2), s[3 * L:5 * L].view(L, 2)
+        smear, backout = s[5 * L], s[5 * L + 1]
+        ve = [emb(inputs) for emb in self.value_embeds]
+        x = self.embed(inputs)
+        x = torch.cat([x[:1], x[1:] + smear * torch.sigmoid(self.smear_gate(x[1:, :12])) * x[:-1]])
+        x = x0 = norm(x)[None]
+        skips = []
+        for i in range(1, L):
+            if i in self.lay["pop"]: x = x + torch.sigmoid(skip_w[i - self.lay["pop"][0]]) * skips.pop()
+            v = self.lay["ve"][i]
+            x = self.blocks[i](x, x0, lambdas[i], sa[i], ve[v] if v is not None else None, masks[i], self.rotary)
+            if i in self.lay["push"]: skips.append(x)
+            if i == self.lay["backout"]: x_back = x
+        x = norm(x - backout * x_back)[0]
+        if self.training:
+            logits = 30 * torch.sigmoid(self.lm_head(x) / 7.5)
+            return F.cross_entropy(logits, targets, reduction="sum")
+        loss = x.new_zeros((), dtype=torch.float32)
+        for i in range(0, x.size(0), head_chunk):  # fp32 logits, a chunk at a time
+            logits = 30 * torch.sigmoid(self.lm_head(x[i:i + head_chunk]).float() / 7.5)
+            loss = loss + F.cross_entropy(logits, targets[i:i + head_chunk], reduction="sum")
+        return loss
+
+    def layer_masks(self, masks_short_long):
+        short, long = masks_short_long
+        return [None if b.attn is None else long if i in self.lay["long"] else short for i, b in enumerate(self.blocks)]
+
+def matmul_params_per_token(h):
+    lay = layout(h.num_layers)
+    n_attn = h.num_layers - len(lay["no_attn"])
+    return n_attn * 4 * h.model_dim ** 2 + (h.num_layers - 1) * 8 * h.model_dim ** 2 + h.model_dim * h.vocab_size
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizers: gradients are reduce-scattered inside step(), each rank updates its shard, results are all-gathered
+
+class Comm:
+    def __init__(self, rank, world): self.rank, self.world = rank, world
+
+    def reduce_scatter(self, full):  # sum over ranks of full [world * k, ...] -> this rank's [k, ...]
+        if self.world == 1: return full, None
+        out = full.new_empty(full.size(0) // self.world, *full.shape[1:])
+        return out, dist.reduce_scatter_tensor(out, full, async_op=True)
+
+    def all_gather(self, out, shard):
+        if self.world == 1: out.copy_(shard); return None
+        return dist.all_gather_into_tensor(out, shard.contiguous(), async_op=True)
+
+class NorMuon:
+    """Nesterov momentum -> Polar Express (Q, K, V, O separately) -> NorMuon row/column normalization -> cautious WD."""
+    def __init__(self, params, comm: Comm, lr, momentum, beta2, weight_decay, ortho=polar_express):
+        self.comm, self.lr, self.momentum, self.beta2, self.weight_decay, self.ortho = comm, lr, momentum, beta2, weight_decay, ortho
+        groups = {}
+        for kind, p in params: groups.setdefault((kind, tuple(p.shape), p.dtype), []).append(p)
+        self.groups = []
+        for (kind, shape, dtype), ps in groups.items():
+            k = -(-len(ps) // comm.world)  # matrices per rank; the stack is zero-padded to world * k
+            mats = (4 * k, shape[0], shape[1] // 4) if kind == "attn" else (k, *shape)
+            vshape = (*mats[:-1], 1) if mats[-2] >= mats[-1] else (mats[0], 1, mats[-1])
+            lr_mul = torch.tensor([getattr(ps[i], "lr_mul", 1.0) if i < len(ps) else 0.0 for i in range(comm.rank * k, comm.rank * k + k)])
+            self.groups.append(dict(kind=kind, params=ps, k=k, mats=mats, lr_mul=lr_mul.to(ps[0].device).view(-1, *[1] * len(shape)),
+                                    mom=torch.zeros(k, *shape, dtype=dtype, device=ps[0].device),
+                                    v=torch.zeros(vshape, dtype=torch.float32, device=ps[0].device)))
+
+    def _stack(self, g, tensors):
+        pad = g["k"] * self.comm.world - len(tensors)
+        return torch.stack(list(tensors) + [torch.zeros_like(tensors[0])] * pad)
+
+    @torch.no_grad()
+    def step(self, lr_mult, momentum, wd_scale=1.0):
+        lr = self.lr * lr_mult
+        wd = lr * self.weight_decay * wd_scale
+        rs = [self.comm.reduce_scatter(self._stack(g, [p.grad for p in g["params"]])) for g in self.groups]
+        gathers = []
+        for g, (grad, work) in zip(self.groups, rs):
+            if work is not None: work.wait()
+            k, r = g["k"], self.comm.rank
+            own = g["params"][r * k:(r + 1) * k]
+            P = torch.stack(own + [torch.zeros_like(g["params"][0])] * (k - len(own)))
+            g["mom"].lerp_(grad, 1 - momentum)
+            U = grad.lerp(g["mom"], momentum)  # Nesterov
+            O = self.ortho(U.view(g["mats"])).float()
+            red = -1 if O.size(-2) >= O.size(-1) else -2
+            fro = O.norm(dim=(-2, -1), keepdim=True)
+            g["v"].lerp_(O.square().mean(red, keepdim=True), 1 - self.beta2)
+            O = O * g["v"].clamp_min(1e-10).rsqrt()
+            O = (O * (fro / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))).view(P.shape)
+            rows, cols = P.shape[-2:]
+            eff_lr = lr * max(1, rows / cols) ** 0.5 * g["lr_mul"]
+            O = O + wd * ((O * P) >= 0) * P  # cautious weight decay: only where the update already shrinks |p|
+            new = torch.empty(k * self.comm.world, *P.shape[1:], dtype=P.dtype, device=P.device)
+            gathers.append((g, new, self.comm.all_gather(new, (P - eff_lr * O).to(P.dtype))))
+        for g, new, work in gathers:
+            if work is not None: work.wait()
+            for p, v in zip(g["params"], new): p.copy_(v)
+
+    def state(self):  # this rank's shards
+        return [dict(mom=g["mom"], v=g["v"]) for g in self.groups]
+
+class DistAdam:
+    """Adam with bias correction on row shards; bf16 moments as the record."""
+    def __init__(self, params, comm: Comm, lr, betas, eps, weight_decay):
+        self.comm, self.lr, self.betas, self.eps, self.weight_decay = comm, lr, betas, eps, weight_decay
+        self.params, self.t = params, 0
+        for p in params:
+            if p.size(0) % comm.world: raise UserError(f"a parameter of {p.size(0)} rows does not split over {comm.world} ranks")
+        self.m = [torch.zeros(p.size(0) // comm.world, *p.shape[1:], dtype=torch.bfloat16, device=p.device) for p in params]
+        self.v = [torch.zeros_like(m) for m in self.m]
+
+    @torch.no_grad()
+    def step(self, lr_mult, wd_scale=1.0):
+        self.t += 1
+        b1, b2 = self.betas
+        rs = [self.comm.reduce_scatter(p.grad) for p in self.params]
+        gathers = []
+        for p, m, v, (g, work) in zip(self.params, self.m, self.v, rs):
+            if work is not None: work.wait()
+            lr = self.lr * getattr(p, "lr_mul", 1.0) * lr_mult
+            shard = p[self.comm.rank * m.size(0):(self.comm.rank + 1) * m.size(0)]
+            m.lerp_(g.to(m.dtype), 1 - b1); v.lerp_(g.square().to(v.dtype), 1 - b2)
+            upd = m.float() / (v.float().sqrt() + self.eps) * (lr * (1 - b2 ** self.t) ** 0.5 / (1 - b1 ** self.t))
+            new = shard.float() * (1 - lr * self.weight_decay * wd_scale) - upd
+            gathers.append(self.comm.all_gather(p, new.to(p.dtype)))
+        for work in gathers:
+            if work is not None: work.wait()
+
+    def state(self):
+        return [dict(m=m, v=v) for m, v in zip(self.m, self.v)]
+
+# ----------------------------------------------------------------------------------------------------
+# Data: shards (256 int32 header + uint16 tokens), BOS-aligned training slots, fixed validation slabs
+
+def read_header(path):
+    try:
+        with open(path, "rb") as f: header = np.frombuffer(f.read(1024), dtype="<i4")
+    except OSError as e: raise UserError(f"{path}: cannot read ({e.strerror})")
+    if header.size != 256 or header[0] != MAGIC or header[1] != VERSION:
+        raise UserError(f"{path}: not a token shard (bad magic/version in the header); re-download or re-tokenize it")
+    n, size = int(header[2]), os.path.getsize(path)
+    if size != 1024 + 2 * n:
+        raise UserError(f"{path}: {size} bytes, the header promises {1024 + 2 * n} ({n} tokens): truncated or corrupt, re-download it")
+    return n
+
+def load_shard(path, vocab_size, limit=None):
+    n = read_header(path) if limit is None else min(read_header(path), limit)
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=1024)
+    if tokens.size and tokens.max() >= vocab_size:
+        raise UserError(f"{path}: token id {tokens.max()} >= vocab size {vocab_size}")
+    return tokens
+
+def list_files(pattern, what):
+    files = sorted(glob.glob(pattern))
+    if not files:
+        hint = " (download them: python data/cached_fineweb10B.py 9)" if "fineweb" in pattern else ""
+        raise UserError(f"no {what} files match {pattern}{hint}")
+    return files
+
+def take_slots(tokens, bos, ptr, n_slots, slot_len, max_seq):
+    """Fill n_slots slots of slot_len + 1 tokens with pieces starting at consecutive BOS positions.
+    Returns (list of (starts, ends) per slot, new ptr), or None if the shard runs out."""
+    slots = []
+    for _ in range(n_slots):
+        starts, ends, need = [], [], slot_len + 1
+        while need > 0:
+            if ptr >= len(bos): return None
+            st = bos[ptr]
+            en = min(bos[ptr + 1] if ptr + 1 < len(bos) else len(tokens), st + max_seq, st + need)
+            starts.append(st); ends.append(en); need -= en - st; ptr += 1
+        slots.append((starts, ends))
+    return slots, ptr
+
+class TrainLoader:
+    """Each step is 8 slots of train_batch_size/8 (+1) tokens, all from one shard; rank r takes slots r, r+world, ..."""
+    def __init__(self, h, rank, world, device, file_idx=0, ptr=0, epoch=0):
+        self.files, self.h, self.rank, self.world, self.device = list_files(h.train_files, "train"), h, rank, world, device
+        self.slot_len = h.train_batch_size // 8
+        self.file_idx, self.ptr, self.epoch = file_idx, ptr, epoch
+        self._load(file_idx)
+
+    def _load(self, idx):
+        self.tokens = load_shard(self.files[idx], self.h.vocab_size)
+        self.bos = np.flatnonzero(self.tokens == BOS)
+        nxt = (idx + 1) % len(self.files)
+        self._next = [None]  # load the next shard in the background
+        self._thread = threading.Thread(target=lambda: self._next.__setitem__(0, self._safe_load(nxt)), daemon=True)
+        self._thread.start()
+
+    def _safe_load(self, idx):
+        try: return load_shard(self.files[idx], self.h.vocab_size)
+        except UserError as e: return e
+
+    def _advance(self):
+        if self.file_idx + 1 == len(self.files):
+            if not self.h.repeat_data:
+                raise UserError(f"train files {self.h.train_files} ran out: download more shards or pass --repeat_data=1")
+            self.epoch += 1
+        self._thread.join()
+        if isinstance(self._next[0], UserError): raise self._next[0]
+        self.file_idx, self.ptr = (self.file_idx + 1) % len(self.files), 0
+        self.tokens = self._next[0]
+        self.bos = np.flatnonzero(self.tokens == BOS)
+        nxt = (self.file_idx + 1) % len(self.files)
+        self._next = [None]
+        self._thread = threading.Thread(target=lambda: self._next.__setitem__(0, self._safe_load(nxt)), daemon=True)
+        self._thread.start()
+
+    def state(self):
+        return dict(file_idx=self.file_idx, ptr=self.ptr, epoch=self.epoch)
+
+    def next_step(self):
+        """This rank's micro-batches for one step: a list of (inputs int32, targets int64), and all 8 slots' piece lengths."""
+        while (out := take_slots(self.tokens, self.bos, self.ptr, 8, self.slot_len, self.h.train_max_seq_len)) is None:
+            self._advance()
+        slots, self.ptr = out
+        batches = []
+        for starts, ends in slots[self.rank::self.world]:
+            buf = torch.from_numpy(np.concatenate([self.tokens[s:e] for s, e in zip(starts, ends)]).astype(np.int32))
+            if self.device.type == "cuda": buf = buf.pin_memory()
+            buf = buf.to(self.device, non_blocking=True)
+            batches.append((buf[:-1], buf[1:].long()))
+        return batches, [np.subtract(e, s) for s, e in slots]
+
+def load_val(h):
+    tokens, need = [], h.val_tokens + 1
+    for f in list_files(h.val_files, "val"):
+        tokens.append(load_shard(f, h.vocab_size, limit=need)); need -= tokens[-1].size
+        if need <= 0: break
+    if need > 0: raise UserError(f"val files {h.val_files} hold {h.val_tokens + 1 - need} tokens; --val_tokens={h.val_tokens} needs {h.val_tokens + 1}")
+    return np.concatenate(tokens)
+
+def attention_pairs(lengths, window):
+    """Visible (query, key) pairs in pieces of the given lengths under a causal window of `window` tokens back."""
+    n, w = np.asarray(lengths, dtype=np.int64), window
+    return int(np.where(n <= w + 1, n * (n + 1) // 2, (w + 1) * (w + 2) // 2 + (n - w - 1) * (w + 1)).sum())
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+class Trainer:
+    def __init__(self, h, rank, world, device):
+        self.h, self.rank, self.world, self.device = h, rank, world, device
+        self.comm, self.accum = Comm(rank, world), 8 // world
+        self.max_len = max(h.train_batch_size // 8, -(-min(h.val_seq_len, h.val_tokens) // BLOCK) * BLOCK)
+        torch.manual_seed(h.seed)
+        # CPU: fp32 compute (bf16 matmuls are ~10x slower than fp32 there), otherwise the same code
+        self.model = GPT(h, self.max_len, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+        if world > 1:
+            for p in self.model.parameters(): dist.broadcast(p.data, 0)
+        self.flex = device.type == "cuda"
+        self.fwd = torch.compile(self.model, dynamic=False, fullgraph=True) if h.compile else self.model
+        m = self.model
+        muon = [("attn", b.attn.qkvo_w) for b in m.blocks if b.attn] + [("mlp", p) for b in m.blocks if b.mlp for p in (b.mlp.c_fc, b.mlp.c_proj)]
+        muon += [("gate", b.attn.gate.weight) for b in m.blocks if b.attn] + [("gate", m.smear_gate.weight)]
+        for p, mul in [(m.scalars, 5.0), (m.lm_head.weight, 1.0), (m.embed.weight, 75.0)] + [(e.weight, 75.0) for e in m.value_embeds]:
+            p.lr_mul = mul
+        self.adam_params = [m.scalars, m.lm_head.weight, m.embed.weight] + [e.weight for e in m.value_embeds]
+        ortho = torch.compile(polar_express, dynamic=False, fullgraph=True) if h.compile else polar_express
+        self.muon = NorMuon(muon, self.comm, h.lr, h.momentum, h.beta2, h.weight_decay, ortho)
+        self.adam = DistAdam(self.adam_params, self.comm, h.adam_lr, (h.adam_beta1, h.adam_beta2), h.adam_eps, h.adam_weight_decay)
+        self.muon_params = [p for _, p in muon]
+
+    def set_windows(self, step):
+        short, long = window_blocks(step, self.h)
+        if step < self.h.num_iterations: self.model.rotary.set_window(long)  # no YaRN for the final validation window
+        return short, long
+
+    def train_step(self, step, loader):
+        """One optimizer step. Returns the step's piece lengths (for FLOP counting)."""
+        self.model.train()
+        windows = self.set_windows(step)
+        batches, lengths = loader.next_step()
+        for inputs, targets in batches:
+            loss = self.fwd(inputs, targets, self.model.layer_masks(make_masks(inputs, windows, self.flex)))
+            (loss / 8).backward()  # gradients summed over ranks and micro-batches = mean over the 8 slots
+        lr = lr_schedule(step, self.h)
+        self.muon.step(lr, muon_momentum(step, self.h))
+        for p in self.muon_params: p.grad = None
+        if step % 2 == 1:  # Adam steps every other step, on gradients accumulated over two steps
+            self.adam.step(lr)
+            for p in self.adam_params: p.grad = None
+        return windows, lengths
+
+    @torch.no_grad()
+    def evaluate(self, step, val):
+        self.model.eval()
+        windows = self.set_windows(step)
+        S, total = self.h.val_seq_len, torch.zeros((), device=self.device)
+        slabs = list(range(0, self.h.val_tokens, S))
+        for s in slabs[self.rank::self.world]:
+            buf = torch.from_numpy(val[s:min(s + S, self.h.val_tokens) + 1].astype(np.int64)).to(self.device)
+            pad = -(buf.numel() - 1) % BLOCK  # pad to whole blocks; padded targets are ignored and come after the real ones
+            inputs = F.pad(buf[:-1], (0, pad)).int()
+            targets = F.pad(buf[1:], (0, pad), value=-100)
+            total += self.fwd(inputs, targets, self.model.layer_masks(make_masks(inputs, windows, self.flex)), self.h.val_head_chunk)
+        if self.world > 1: dist.all_reduce(total)
+        return total.item() / self.h.val_tokens
+
+    def state_dict(self):
+        """World-size independent: optimizer shards are gathered. Collective: every rank calls it."""
+        def gather(t):
+            if self.world == 1: return t.cpu()
+            out = t.new_empty(t.size(0) * self.world, *t.shape[1:]); dist.all_gather_into_tensor(out, t.contiguous()); return out.cpu()
+        muon = [{k: gather(v)[:len(g["params"]) * (4 if g["kind"] == "attn" and k == "v" else 1)] for k, v in s.items()}
+                for g, s in zip(self.muon.groups, self.muon.state())]
+        pending = []
+        for p in self.adam_params:  # gradients that Adam has accumulated but not yet used (after an even step)
+            if p.grad is None: pending.append(None); continue
+            g = p.grad.clone()
+            if self.world > 1: dist.all_reduce(g)
+            pending.append(g.cpu())
+        return dict(model={k: v.cpu() for k, v in self.model.state_dict().items()}, muon=muon,
+                    adam=[{k: gather(v) for k, v in s.items()} for s in self.adam.state()], adam_t=self.adam.t, adam_pending=pending)
+
+    def load_state_dict(self, sd):
+        self.model.load_state_dict(sd["model"])
+        for g, s, saved in zip(self.muon.groups, self.muon.state(), sd["muon"]):
+            for key, t in s.items():
+                n = t.size(0) * self.world  # padded stack; take this rank's slice
+                full = torch.zeros(n, *t.shape[1:], dtype=t.dtype)
+                full[:saved[key].size(0)] = saved[key]
+                t.copy_(full[self.rank * t.size(0):(self.rank + 1) * t.size(0)])
+        for s, saved in zip(self.adam.state(), sd["adam"]):
+            for key, t in s.items(): t.copy_(saved[key][self.rank * t.size(0):(self.rank + 1) * t.size(0)])
+        self.adam.t = sd["adam_t"]
+        for p, g in zip(self.adam_params, sd["adam_pending"]):  # rank 0 holds the summed pending gradient
+            p.grad = None if g is None else (g.to(p.device) if self.rank == 0 else torch.zeros_like(p))
+
+def environment(h, world):
+    lines = [f"Running Python {sys.version}", f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
+    try:
+        import triton
+        lines.append(f"Running Triton version {triton.__version__}")
+    except ImportError:
+        lines.append("Running Triton version: not installed")
+    try: lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
+    except (OSError, subprocess.SubprocessError): lines.append("nvidia-smi: not available")
+    lines += ["hyperparameters:"] + [f"  {k}={v!r}" for k, v in dataclasses.asdict(h).items()] + [f"world_size={world}"]
+    return "\n".join(lines)
+
+def validate(h, world):
+    S = h.num_iterations - h.num_extension_iterations
+    checks = [(8 % world == 0, f"world size {world} does not divide 8: use 1, 2, 4 or 8 processes"),
+              (h.train_batch_size % (8 * BLOCK) == 0, f"--train_batch_size={h.train_batch_size} must be a multiple of {8 * BLOCK}"),
+              (0 < S, "--num_extension_iterations must be smaller than --num_iterations"),
+              (0 < h.cooldown_frac <= 1, "--cooldown_frac must be in (0, 1]"),
+              (h.val_tokens > 0 and h.val_seq_len > 0 and h.val_head_chunk > 0, "--val_tokens, --val_seq_len and --val_head_chunk must be positive"),
+              (h.model_dim % h.num_heads == 0 and (h.model_dim // h.num_heads) % 4 == 0, "--model_dim must be --num_heads times a multiple of 4"),
+              (h.model_dim >= 12 and h.num_layers >= 2, "--model_dim must be >= 12 and --num_layers >= 2"),
+              (h.vocab_size > BOS and h.vocab_size % 8 == 0, "--vocab_size must exceed 50256 and be a multiple of 8"),
+              (len(h.ws_schedule) > 0, "--ws_schedule needs at least one window"),
+              (not h.resume or os.path.isfile(h.resume), f"--resume={h.resume}: no such file")]
+    for ok, msg in checks:
+        if not ok: raise UserError(msg)
+
+def main(argv):
+    h = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    validate(h, world)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1: dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    master = rank == 0
+    run_id = h.run_id or str(uuid.uuid4())
+    logfile = f"logs/{run_id}.txt"
+    if master:
+        os.makedirs("logs", exist_ok=True)
+        with open(__file__) as f: code = f.read()
+        with open(logfile, "w") as f: f.write(code + "\n" + "=" * 100 + "\n" + environment(h, world) + "\n" + "=" * 100 + "\n")
+        print(f"log: {logfile}")
+    def log(s):
+        if master:
+            print(s)
+            with open(logfile, "a") as f: f.write(s + "\n")
+
+    # check every data file before anything heavy
+    train_files = list_files(h.train_files, "train")
+    train_tokens = sum(read_header(f) for f in train_files)
+    if train_tokens < h.num_iterations * h.train_batch_size and not h.repeat_data:
+        raise UserError(f"train files {h.train_files} hold {train_tokens} tokens, {h.num_iterations} steps need more than "
+                        f"{h.num_iterations * h.train_batch_size}: download more shards or pass --repeat_data=1")
+    val = load_val(h)
+    trainer = Trainer(h, rank, world, device)
+    torch._dynamo.config.recompile_limit = 64
+    start, train_ms, loader_state = 0, 0.0, dict()
+    if h.resume:
+        sd = torch.load(h.resume, map_location="cpu", weights_only=False)
+        trainer.load_state_dict(sd)
+        start, train_ms, loader_state = sd["step"], sd["train_ms"], sd["loader"]
+        for s in range(start): trainer.model.rotary.set_window(window_blocks(s, h)[1])
+        log(f"resumed from {h.resume} at step {start}")
+
+    if h.kernel_warmup_steps > 0:  # compile and warm up kernels on every training window, then restore all state
+        saved = copy.deepcopy(dict(model=trainer.model.state_dict(), muon=trainer.muon.state(), adam=trainer.adam.state(), t=trainer.adam.t,
+                                   grads=[p.grad for p in trainer.adam_params]))
+        rot = (trainer.model.rotary.freq, trainer.model.rotary.attn_scale, trainer.model.rotary.ws)
+        warm_loader, S = TrainLoader(h, rank, world, device), h.num_iterations - h.num_extension_iterations
+        stages = sorted({int(S * i / len(h.ws_schedule)) for i in range(len(h.ws_schedule))} | {S})
+        for i in range(h.kernel_warmup_steps):
+            trainer.train_step(stages[i * len(stages) // h.kernel_warmup_steps], warm_loader)
+        trainer.model.load_state_dict(saved["model"])
+        for live, keep in zip(trainer.muon.state() + trainer.adam.state(), saved["muon"] + saved["adam"]):
+            for k in live: live[k].copy_(keep[k])
+        trainer.adam.t = saved["t"]
+        for p, g in zip(trainer.adam_params, saved["grads"]): p.grad = g
+        for p in trainer.muon_params: p.grad = None
+        r = trainer.model.rotary
+        r.freq, r.attn_scale, r.ws = rot; r._tables()
+        del warm_loader, saved
+
+    loader = TrainLoader(h, rank, world, device, **loader_state)
+    flops_token = 6 * matmul_params_per_token(h)
+    n_attn = {"short": 0, "long": 0}
+    for i, b in enumerate(trainer.model.blocks):
+        if b.attn: n_attn["long" if i in trainer.model.lay["long"] else "short"] += 1
+    total_flops, val_loss = 0.0, float("nan")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync(); t0 = time.perf_counter()
+    for step in range(start, h.num_iterations + 1):
+        last = step == h.num_iterations
+        if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+            sync(); train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
+            val_loss = trainer.evaluate(step, val)
+            log(f"step:{step}/{h.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            sync(); t0 = time.perf_counter()
+        if h.save_checkpoint and (last or (h.checkpoint_every > 0 and step > start and step % h.checkpoint_every == 0)):
+            sync(); train_ms += 1000 * (time.perf_counter() - t0)
+            sd = trainer.state_dict()
+            if master:
+                os.makedirs(f"logs/{run_id}", exist_ok=True)
+                torch.save(dict(sd, step=step, train_ms=train_ms, loader=loader.state(), hyperparameters=dataclasses.asdict(h)),
+                           f"logs/{run_id}/state_step{step:06d}.pt")
+                log(f"checkpoint: logs/{run_id}/state_step{step:06d}.pt")
+            sync(); t0 = time.perf_counter()
+        if last: break
+        (short, long), lengths = trainer.train_step(step, loader)
+        pairs = {"short": sum(attention_pairs(l, short * BLOCK) for l in lengths), "long": sum(attention_pairs(l, long * BLOCK) for l in lengths)}
+        total_flops += flops_token * h.train_batch_size + 12 * h.model_dim * sum(n_attn[k] * pairs[k] for k in pairs)
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        log(f"step:{step + 1}/{h.num_iterations} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
+
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    else:
+        log("peak memory allocated: 0 MiB reserved: 0 MiB")
+        peak = None
+    timed_steps = h.num_iterations - start
+    tokens_per_s = timed_steps * h.train_batch_size / max(train_ms / 1000, 1e-9)
+    mfu = f"{100 * total_flops / (train_ms / 1000) / (peak * world):.1f}%" if peak and train_ms > 0 else "n/a"
+    log(f"summary val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms tokens_per_s:{tokens_per_s:.0f} mfu:{mfu}"
+        + (f" mfu_peak_tflops:{peak / 1e12:.0f}" if peak else ""))
+    if world > 1: dist.destroy_process_group()
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0: print(f"train_gpt.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
