@@ -16,7 +16,7 @@ PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462), (4.0429299351
       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
 
 def rel(a, b):
-    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-30))
 
 # ---------------------------------------------------------------------------------------------- optimizers
 
@@ -352,19 +352,27 @@ def test_resume_and_kernel_warmup_match_uninterrupted_run(tmp_path, corpus):
     vb = parse_log(tmp_path / "logs/resumed.txt")[2]
     assert va[-2:] == vb[-2:]  # steps 6 and 7
 
-def test_world_size_2_matches_world_size_1(tmp_path, corpus):
-    d, files = corpus
-    common = files + TINY + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=0", "--save_checkpoint=1"]
-    r1 = run_cli(common + ["--run_id=w1"], tmp_path)
+def run_world_sizes(tmp_path, args):
+    r1 = run_cli(args + ["--run_id=w1"], tmp_path)
     assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, *common, "--run_id=w2"],
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, *args, "--run_id=w2"],
                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    a, b = flatten_state(load_ckpt(tmp_path / "logs/w1/state_step000004.pt")), flatten_state(load_ckpt(tmp_path / "logs/w2/state_step000004.pt"))
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        scale = a[k].double().abs().max().clamp_min(1e-6)
-        assert ((a[k].double() - b[k].double()).abs().max() / scale) < 2e-2, k
+    n = [a for a in args if a.startswith("--num_iterations=")][0].split("=")[1]
+    return [load_ckpt(tmp_path / f"logs/{w}/state_step{int(n):06d}.pt") for w in ("w1", "w2")]
+
+def test_world_size_2_matches_world_size_1(tmp_path, corpus):
+    # 3 steps: the zero-initialized head blocks every other gradient until Adam first moves it (end of step 1), so the
+    # checkpoint after step 2 holds the first reduced matrix gradients (NorMuon momentum) and Adam's pending gradient
+    d, files = corpus
+    a, b = run_world_sizes(tmp_path, files + TINY + ["--num_iterations=3", "--num_extension_iterations=1", "--val_loss_every=0", "--save_checkpoint=1"])
+    assert a["loader"] == b["loader"]
+    for ga, gb in zip(a["muon"][:2], b["muon"][:2]): assert ga["mom"].norm() > 0 and rel(gb["mom"], ga["mom"]) < 1e-2
+    for pa, pb in zip(a["adam_pending"], b["adam_pending"]):  # value embeddings still get none (V's output projection is zero)
+        assert rel(pb, pa) < 1e-2 if pa.norm() > 0 else pb.norm() == 0
+    assert a["adam_pending"][1].norm() > 0 and a["adam_pending"][2].norm() > 0  # head and embedding
+    for k, v in a["model"].items():  # bf16 Polar Express amplifies summation-order noise in the tiny 2x12 gate matrices
+        assert rel(b["model"][k], v) < (0.3 if "gate" in k else 0.02), k
     la, lb = parse_log(tmp_path / "logs/w1.txt")[2][-1][1], parse_log(tmp_path / "logs/w2.txt")[2][-1][1]
     assert abs(la - lb) < 2e-3
 
