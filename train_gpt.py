@@ -500,12 +500,11 @@ class TrainLoader:
         self.file_idx, self.ptr, self.epoch = file_idx, ptr, epoch
         self._load(file_idx)
 
-    def _load(self, idx):
-        self.tokens = load_shard(self.files[idx], self.h.vocab_size)
+    def _load(self, idx, tokens=None):
+        self.tokens = load_shard(self.files[idx], self.h.vocab_size) if tokens is None else tokens
         self.bos = np.flatnonzero(self.tokens == BOS)
-        nxt = (idx + 1) % len(self.files)
         self._next = [None]  # load the next shard in the background
-        self._thread = threading.Thread(target=lambda: self._next.__setitem__(0, self._safe_load(nxt)), daemon=True)
+        self._thread = threading.Thread(target=lambda i=(idx + 1) % len(self.files): self._next.__setitem__(0, self._safe_load(i)), daemon=True)
         self._thread.start()
 
     def _safe_load(self, idx):
@@ -520,12 +519,7 @@ class TrainLoader:
         self._thread.join()
         if isinstance(self._next[0], UserError): raise self._next[0]
         self.file_idx, self.ptr = (self.file_idx + 1) % len(self.files), 0
-        self.tokens = self._next[0]
-        self.bos = np.flatnonzero(self.tokens == BOS)
-        nxt = (self.file_idx + 1) % len(self.files)
-        self._next = [None]
-        self._thread = threading.Thread(target=lambda: self._next.__setitem__(0, self._safe_load(nxt)), daemon=True)
-        self._thread.start()
+        self._load(self.file_idx, self._next[0])
 
     def state(self):
         return dict(file_idx=self.file_idx, ptr=self.ptr, epoch=self.epoch)
