@@ -1,0 +1,649 @@
+"""CIFAR-10 speedrun: >= 94% mean test accuracy (airbench94_muon recipe), or 96% with --variant=96 (airbench96_faster).
+
+    python train_cifar.py [--name=value ...]      # --help lists every hyperparameter
+
+One file: the data step (download, verify, extract, convert), augmentation, network, Muon, training, TTA and the log.
+The log (logs/<run_id>.txt) holds this source, the environment, the effective hyperparameters, one line per epoch and
+per run, and a summary line. Runs on CUDA (fp16, channels_last, compiled) and on CPU (fp32, eager) with the same code.
+"""
+import hashlib
+import http.client
+import importlib.metadata
+import itertools
+import math
+import os
+import pickle
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Hyperparameters:
+    variant: int = 94                # 94: airbench94_muon, these defaults; 96: airbench96_faster, VARIANT_96 below
+    runs: int = 200                  # timed runs, after one untimed warmup run on random labels (CUDA or --compile=1)
+    seed: int = 0                    # run i (0 = the warmup) starts from torch.manual_seed(1000 * seed + i)
+    data_dir: str = "data/cifar10"   # the cache {train,test}.npz; made from a tarball or folder here, else downloaded
+    compile: int = 1                 # torch.compile the nets and Newton-Schulz (0: eager)
+    # data and augmentation
+    epochs: float = 8.0              # steps = ceil(epochs * (n_train // batch_size)); batches may span epochs
+    batch_size: int = 2000
+    translate: int = 2               # random crop of images reflect-padded by this many pixels
+    cutout: int = 0                  # side of a randomly placed zeroed square (0: none)
+    tta_level: int = 2               # 0: plain, 1: + mirror, 2: + mirrored 1 px diagonal shifts (6 views)
+    # network
+    widths: tuple = (64, 256, 256)
+    depth: int = 2                   # convs per block; 3 adds a residual around the last two
+    bn_momentum: float = 0.4         # PyTorch convention: running = (1 - m) * running + m * batch
+    logit_scale: float = 1 / 256
+    head_unit_std: int = 1           # rescale the head's initial weight to unit std
+    whiten_images: int = 5000        # the whitening conv's statistics come from this many first training images
+    whiten_eps: float = 5e-4
+    whiten_bias_epochs: float = 3.0  # the whitening conv's bias trains this long, then is frozen
+    # optimization (the loss is summed over the batch)
+    label_smoothing: float = 0.2
+    momentum: float = 0.85           # Nesterov SGD (94: biases and head; 96 and the proxy: everything)
+    warmup: float = 0.0              # fraction of steps warming the lr up from 0.2x; then linear decay to 0
+    muon_lr: float = 0.24            # (94) Muon for the 3x3 conv filters
+    muon_momentum: float = 0.6       # (94)
+    ns_steps: int = 3                # (94) Newton-Schulz iterations
+    bias_lr: float = 0.053           # (94) whitening and BatchNorm biases
+    head_lr: float = 0.67            # (94)
+    wd_per_example: float = 2e-6     # (94) SGD weight_decay = wd_per_example * batch_size / lr
+    lr: float = 9.0                  # (96, proxy) SGD lr per 1024 examples, divided by 1 + 1 / (1 - momentum)
+    weight_decay: float = 0.012      # (96, proxy) per 1024 examples, likewise
+    bias_scaler: float = 64.0        # (96, proxy) lr multiplier of the BatchNorm biases
+    lookahead_every: int = 0         # every k steps: ema = lerp(ema, net, 1 - decay^k * (step/steps)^3); net = ema
+    lookahead_decay: float = 0.95
+    select: float = 1.0              # train on the fraction of each batch a proxy net finds hardest (1: no proxy)
+    proxy_widths: tuple = (32, 64, 64)
+    proxy_depth: int = 2
+    proxy_every: int = 4             # the proxy takes an SGD step every this many steps
+
+
+VARIANT_96 = dict(epochs=45.0, batch_size=1024, translate=4, cutout=12, widths=(128, 384, 512), depth=3,
+                  bn_momentum=0.1, logit_scale=1 / 9, head_unit_std=0, warmup=0.1, lookahead_every=5, select=0.5,
+                  # airbench96_faster means to freeze the whitening bias after 3 epochs, but its test compares an epoch
+                  # with a step count and never fires. We keep the published, measured behaviour: the bias trains the
+                  # whole run. --whiten_bias_epochs=3 gives the intended one. (Also unlike that script: the whitening
+                  # bias starts from PyTorch's default init, not 0, and the proxy trains step by step beside the main
+                  # net instead of all before it, which gives the same selections.)
+                  whiten_bias_epochs=45.0)
+
+
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: CIFAR-10 python tarball -> {train,test}.npz with images uint8 N x 32 x 32 x 3 and labels int64, official order.
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+TARBALL, FOLDER = "cifar-10-python.tar.gz", "cifar-10-batches-py"
+SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def md5sum(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url, path, md5):
+    print(f"downloading {url} to {path}")
+    part = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+            shutil.copyfileobj(response, f, 1 << 20)
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        if os.path.exists(part):
+            os.remove(part)
+        fail(f"could not download {url} ({e}); put {TARBALL} or an extracted {FOLDER}/ into {os.path.dirname(path)}/")
+    if (got := md5sum(part)) != md5:
+        os.remove(part)
+        fail(f"{url} gave a file with MD5 {got}, not {md5}; nothing was kept, try again")
+    os.replace(part, path)
+
+
+def extract(tarball, data_dir):
+    """Extract FOLDER from the tarball; refuses links and members that would land outside the target folder."""
+    print(f"extracting {tarball}")
+    tmp = os.path.realpath(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
+    try:
+        with tarfile.open(tarball) as tar:
+            members = tar.getmembers()
+            for m in members:
+                target = os.path.realpath(os.path.join(tmp, m.name))
+                if not (m.isfile() or m.isdir()) or os.path.commonpath([tmp, target]) != tmp:
+                    fail(f"{tarball}: member {m.name!r} is a link or lands outside the folder; refusing to extract it")
+            for m in filter(tarfile.TarInfo.isfile, members):
+                target = os.path.join(tmp, m.name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with tar.extractfile(m) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        if not os.path.isdir(os.path.join(tmp, FOLDER)):
+            fail(f"{tarball} holds no {FOLDER}/ folder: not the CIFAR-10 python tarball")
+        os.replace(os.path.join(tmp, FOLDER), os.path.join(data_dir, FOLDER))
+    except (tarfile.TarError, OSError) as e:
+        fail(f"{tarball}: cannot extract it ({e})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_batch(path):
+    """One batch file: a pickled dict, b'data' uint8 N x 3072 (R, G, B planes of 32 x 32), b'labels' N ints in 0..9."""
+    if not os.path.isfile(path):
+        fail(f"missing {path}: delete the incomplete {os.path.dirname(path)}/ and run again, or put the tarball there")
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        x, y = d[b"data"], np.array(d[b"labels"], dtype=np.int64)
+        ok = isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.shape == (len(y), 3072) and y.ndim == 1
+    except Exception as e:
+        fail(f"{path}: not a CIFAR-10 batch file ({type(e).__name__}: {e})")
+    if not ok or len(y) == 0 or y.min() < 0 or y.max() > 9:
+        fail(f"{path}: not a CIFAR-10 batch file (want b'data' uint8 N x 3072 and N b'labels' in 0..9)")
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
+
+
+def prepare_cifar10(data_dir, url=CIFAR_URL, md5=CIFAR_MD5):
+    """Make sure data_dir holds the cache; build it from FOLDER or TARBALL in data_dir, or download TARBALL from url."""
+    cache = {split: os.path.join(data_dir, f"{split}.npz") for split in SPLITS}
+    if all(map(os.path.isfile, cache.values())):
+        return cache
+    os.makedirs(data_dir, exist_ok=True)
+    folder, tarball = os.path.join(data_dir, FOLDER), os.path.join(data_dir, TARBALL)
+    if not os.path.isdir(folder):
+        if not os.path.exists(tarball):
+            download(url, tarball, md5)
+        elif (got := md5sum(tarball)) != md5:
+            fail(f"{tarball} has MD5 {got}, not {md5}: replace it, or delete it to download it again")
+        extract(tarball, data_dir)
+    print(f"converting {folder}")
+    arrays = {split: [read_batch(os.path.join(folder, name)) for name in names] for split, names in SPLITS.items()}
+    for split, batches in arrays.items():
+        with open(cache[split] + ".part", "wb") as f:
+            np.savez(f, images=np.concatenate([x for x, _ in batches]), labels=np.concatenate([y for _, y in batches]))
+        os.replace(cache[split] + ".part", cache[split])
+    return cache
+
+
+def load_cifar10(data_dir):
+    """(train_images, train_labels, test_images, test_labels) as numpy arrays, preparing the cache if needed."""
+    out = []
+    for path in prepare_cifar10(data_dir).values():
+        try:
+            with np.load(path) as f:
+                out += [f["images"], f["labels"]]
+        except Exception as e:
+            fail(f"{path}: unreadable ({type(e).__name__}: {e}); delete it to rebuild it")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Augmentation and the device-resident loader. Images are N x 3 x 32 x 32 floats in [0, 1].
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def normalize(x):
+    return (x - x.new_tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / x.new_tensor(CIFAR_STD).view(1, 3, 1, 1)
+
+
+def random_crop(padded, r):
+    """Each image's size x size window at a random shift in [-r, r]^2 (25 shifts for r = 2) of its padded copy."""
+    n, size = len(padded), padded.size(-1) - 2 * r
+    dy, dx = torch.randint(0, 2 * r + 1, (2, n), device=padded.device)
+    windows = padded.unfold(2, size, 1).unfold(3, size, 1)  # N x C x (2r+1) x (2r+1) x size x size, a view
+    return windows[torch.arange(n, device=padded.device), :, dy, dx]
+
+
+def random_cutout(x, size):
+    """Zero one size x size square per image, placed uniformly where it fits inside the image."""
+    n, _, h, w = x.shape
+    y0, x0 = (torch.randint(0, d - size + 1, (n, 1, 1, 1), device=x.device) for d in (h, w))
+    rows, cols = torch.arange(h, device=x.device).view(1, 1, h, 1), torch.arange(w, device=x.device).view(1, 1, 1, w)
+    return x.masked_fill((rows >= y0) & (rows < y0 + size) & (cols >= x0) & (cols < x0 + size), 0)
+
+
+def train_batches(images, labels, batch_size, translate, cutout):
+    """Endless stream of (inputs, labels): each epoch shows every image once; batches may span epochs.
+    Alternating flip: a random half starts mirrored, and every image flips orientation each epoch."""
+    x = normalize(images)
+    x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
+    if translate:
+        x = F.pad(x, (translate,) * 4, mode="reflect")
+    parts, have = [], 0
+    for epoch in itertools.count():
+        xe = random_crop(x, translate) if translate else x
+        xe = xe.flip(-1) if epoch % 2 else xe
+        xe = random_cutout(xe, cutout) if cutout else xe
+        perm, pos = torch.randperm(len(xe), device=xe.device), 0
+        while pos < len(perm):
+            idx = perm[pos:pos + batch_size - have]
+            parts.append((xe[idx], labels[idx]))
+            have, pos = have + len(idx), pos + len(idx)
+            if have == batch_size:
+                yield parts[0] if len(parts) == 1 else tuple(map(torch.cat, zip(*parts)))
+                parts, have = [], 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Network
+
+class Conv(nn.Conv2d):
+    """3x3 'same' conv without bias; the first in_channels filters start as the identity."""
+    def __init__(self, c_in, c_out):
+        super().__init__(c_in, c_out, 3, padding="same", bias=False)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        nn.init.dirac_(self.weight.data[:self.in_channels])
+
+
+class BatchNorm(nn.BatchNorm2d):
+    def __init__(self, c, momentum):
+        super().__init__(c, eps=1e-12, momentum=momentum)
+        self.weight.requires_grad_(False)  # only the bias trains
+
+
+class ConvGroup(nn.Module):
+    """conv, 2x2 max-pool, BN, GELU, then (conv, BN, GELU) x (depth - 1); depth 3: a residual around the last two."""
+    def __init__(self, c_in, c_out, depth, bn_momentum):
+        super().__init__()
+        self.convs = nn.ModuleList([Conv(c_in, c_out)] + [Conv(c_out, c_out) for _ in range(depth - 1)])
+        self.norms = nn.ModuleList([BatchNorm(c_out, bn_momentum) for _ in range(depth)])
+
+    def forward(self, x):
+        x = F.gelu(self.norms[0](F.max_pool2d(self.convs[0](x), 2)))
+        y = self.norms[1](self.convs[1](x))
+        if len(self.convs) == 3:
+            y = self.norms[2](self.convs[2](F.gelu(y))) + x
+        return F.gelu(y)
+
+
+class CifarNet(nn.Module):
+    """Frozen 2x2 whitening conv (24 channels, trainable bias), GELU, three ConvGroups, 3x3 max-pool, linear head."""
+    def __init__(self, widths, depth, bn_momentum, logit_scale, head_unit_std):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, 2)
+        self.whiten.weight.requires_grad_(False)
+        c = (24, *widths)
+        self.groups = nn.Sequential(*[ConvGroup(c[i], c[i + 1], depth, bn_momentum) for i in range(3)])
+        self.head = nn.Linear(widths[-1], 10, bias=False)
+        self.logit_scale, self.head_unit_std = logit_scale, head_unit_std
+
+    @torch.no_grad()
+    def reset(self):
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+                m.reset_parameters()
+        if self.head_unit_std:
+            self.head.weight /= self.head.weight.std()
+
+    def forward(self, x, whiten_bias_grad=True):
+        b = self.whiten.bias if whiten_bias_grad else self.whiten.bias.detach()
+        x = self.groups(F.gelu(F.conv2d(x, self.whiten.weight, b)))
+        return self.head(F.max_pool2d(x, 3).flatten(1)) * self.logit_scale
+
+
+def whitening_filters(x, eps):
+    """The whitening conv's 24 filters: v_i / sqrt(lambda_i + eps) for the eigenpairs of the uncentred second moment
+    of all 2x2 patches of x (N x 3 x H x W, normalized), and their negations."""
+    patches = x.float().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).view(12, 3, 2, 2)
+    return torch.cat((filters, -filters))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizers
+
+def newton_schulz(G, steps):
+    """Approximately orthogonalize a matrix (singular values to about [0.5, 1.5]) by a quintic iteration, in bf16."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    X = X / (X.norm() + 1e-7)
+    tall = G.size(0) > G.size(1)
+    X = X.T if tall else X
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov SGD-momentum whose update is orthogonalized; a conv filter (out, in, kh, kw) is an out x (in*kh*kw)
+    matrix. Instead of weight decay, each weight is rescaled to Frobenius norm sqrt(out) before its update."""
+    def __init__(self, params, lr, momentum, ns_steps, orthogonalize=newton_schulz):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+        self.orthogonalize = orthogonalize
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = self.state[p]["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(p.grad)
+                g = p.grad.add(buf, alpha=group["momentum"])
+                p.mul_(len(p) ** 0.5 / p.norm())
+                p.add_(self.orthogonalize(g.reshape(len(g), -1), group["ns_steps"]).view(g.shape), alpha=-group["lr"])
+
+
+def make_optimizers(cfg, model, variant, total_steps, whiten_bias_steps, orthogonalize):
+    """Each param group gets 'horizon', the step at which its lr reaches 0 (see set_lrs); weight_decay = wd / lr."""
+    norm_biases = [m.bias for m in model.modules() if isinstance(m, BatchNorm)]
+    filters = [m.weight for m in model.modules() if isinstance(m, Conv)]
+
+    def group(params, lr, wd, horizon=total_steps):
+        return dict(params=params, lr=lr, initial_lr=lr, weight_decay=wd / lr, horizon=horizon)
+
+    sgd = lambda groups: torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True, fused=True)
+    if variant == 94:
+        wd = cfg.wd_per_example * cfg.batch_size
+        muon = Muon(filters, cfg.muon_lr, cfg.muon_momentum, cfg.ns_steps, orthogonalize)
+        muon.param_groups[0].update(initial_lr=cfg.muon_lr, horizon=total_steps)
+        return [sgd([group([model.whiten.bias], cfg.bias_lr, wd, whiten_bias_steps),
+                     group(norm_biases, cfg.bias_lr, wd), group([model.head.weight], cfg.head_lr, wd)]), muon]
+    kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))  # Nesterov's steady-state step / gradient, per 1024 examples
+    lr, wd = cfg.lr / kilostep, cfg.weight_decay * cfg.batch_size / kilostep
+    others = [model.whiten.bias, model.head.weight] + filters
+    return [sgd([group(norm_biases, lr * cfg.bias_scaler, wd), group(others, lr, wd)])]
+
+
+def set_lrs(optimizers, step, warmup):
+    """lr = initial_lr * schedule: from 0.2x up to 1x over the first warmup * horizon steps, then linearly to 0."""
+    for opt in optimizers:
+        for g in opt.param_groups:
+            w = int(warmup * g["horizon"])
+            f = 0.2 + 0.8 * step / w if step < w else (g["horizon"] - step) / (g["horizon"] - w)
+            g["lr"] = g["initial_lr"] * f
+
+
+class Lookahead:
+    """ema = lerp(ema, net, 1 - decay); net = ema, over all float state (BatchNorm statistics included)."""
+    def __init__(self, model):
+        self.net = [t for t in model.state_dict().values() if t.is_floating_point()]
+        self.ema = [t.clone() for t in self.net]
+
+    @torch.no_grad()
+    def update(self, decay):
+        torch._foreach_lerp_(self.ema, self.net, 1 - decay)
+        torch._foreach_copy_(self.net, self.ema)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def predict(model, images, tta_level):
+    """Averaged logits: level 0 the image, 1 the image and its mirror (1/2 each), 2 that at 1/2 plus the same for the
+    image shifted 1 px down-right and 1 px up-left (reflect padding) at 1/4 each: 6 views."""
+    model.eval()
+
+    def views(x):  # each output is used before the next call: CUDA graphs reuse the output memory
+        return 0.5 * model(x) + 0.5 * model(x.flip(-1)) if tta_level else model(x).clone()
+
+    out = []
+    for x in normalize(images).split(2000):
+        logits = views(x)
+        if tta_level == 2:
+            p = F.pad(x, (1,) * 4, mode="reflect")
+            logits = 0.5 * logits + 0.25 * views(p[..., :-2, :-2]) + 0.25 * views(p[..., 2:, 2:])
+        out.append(logits)
+    return torch.cat(out)
+
+
+def evaluate(model, images, labels, tta_level):
+    return (predict(model, images, tta_level).argmax(1) == labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+class Timer:
+    """Wall time summed over start/stop pairs, each taken once the device has finished its queued work."""
+    def __init__(self, device):
+        self.cuda, self.total = device.type == "cuda", 0.0
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.total += time.perf_counter() - self.t0
+
+
+def select_hardest(proxy, optimizers, x, y, step, cfg):
+    """Indices of the examples with the highest proxy loss; every proxy_every steps the proxy trains on them."""
+    learn = step % cfg.proxy_every == 0
+    with torch.set_grad_enabled(learn):
+        logits = proxy(x, whiten_bias_grad=False)
+        losses = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="none")
+        idx = losses.topk(int(cfg.select * len(y)), sorted=False).indices
+        if learn:
+            losses[idx].sum().backward()
+            set_lrs(optimizers, step, cfg.warmup)
+            for opt in optimizers:
+                opt.step()
+            proxy.zero_grad(set_to_none=True)
+    return idx
+
+
+def train_run(cfg, model, proxy, data, seed, log, orthogonalize=newton_schulz, random_labels=False):
+    """One run from a fresh init; returns (TTA test accuracy, seconds). The clock covers the whitening init, the
+    training steps with their data work and the proxy, and the final TTA evaluation; not the per-epoch evaluation."""
+    torch.manual_seed(seed)
+    train_x, train_y, test_x, test_y = data
+    train_y = torch.randint_like(train_y, 10) if random_labels else train_y
+    steps_per_epoch = max(1, len(train_x) // cfg.batch_size)
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+    whiten_bias_steps = math.ceil(cfg.whiten_bias_epochs * steps_per_epoch)
+    model.reset()
+    optimizers = make_optimizers(cfg, model, cfg.variant, total_steps, whiten_bias_steps, orthogonalize)
+    if proxy is not None:
+        proxy.reset()
+        proxy_optimizers = make_optimizers(cfg, proxy, 96, total_steps, 0, orthogonalize)
+    batches = train_batches(train_x, train_y, cfg.batch_size, cfg.translate, cfg.cutout)
+    timer = Timer(train_x.device)
+
+    timer.start()
+    filters = whitening_filters(normalize(train_x[:cfg.whiten_images]), cfg.whiten_eps)
+    for net in [model] if proxy is None else [model, proxy]:
+        net.whiten.weight.data.copy_(filters)
+    timer.stop()
+    lookahead = Lookahead(model) if cfg.lookahead_every else None
+    model.train()
+    for step in range(total_steps):
+        if step % steps_per_epoch == 0:
+            timer.start()
+        x, y = next(batches)
+        if proxy is not None:
+            idx = select_hardest(proxy, proxy_optimizers, x, y, step, cfg)
+            x, y = x[idx], y[idx]
+        outputs = model(x, whiten_bias_grad=step < whiten_bias_steps)
+        loss = F.cross_entropy(outputs, y, label_smoothing=cfg.label_smoothing, reduction="sum")
+        loss.backward()
+        set_lrs(optimizers, step, cfg.warmup)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        done = step + 1
+        if lookahead is not None and done % cfg.lookahead_every == 0:
+            lookahead.update(cfg.lookahead_decay ** cfg.lookahead_every * (done / total_steps) ** 3)
+        if lookahead is not None and done == total_steps:
+            lookahead.update(1.0)
+        if done % steps_per_epoch == 0 or done == total_steps:
+            timer.stop()
+            train_acc = (outputs.argmax(1) == y).float().mean().item()
+            val_acc = evaluate(model, test_x, test_y, 0)
+            model.train()
+            log(f"epoch:{math.ceil(done / steps_per_epoch)}/{math.ceil(total_steps / steps_per_epoch)} "
+                f"train_loss:{loss.item() / len(y):.4f} train_acc:{train_acc:.4f} val_acc:{val_acc:.4f} "
+                f"train_time:{timer.total:.3f}s")
+    timer.start()
+    acc = evaluate(model, test_x, test_y, cfg.tta_level)
+    timer.stop()
+    return acc, timer.total
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line, log, main
+
+def fmt(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def usage():
+    lines = ["usage: python train_cifar.py [--name=value | --name value ...]",
+             "Every field of Hyperparameters (see its comments); defaults are the 94% record, [96: ...] what",
+             "--variant=96 sets instead. Explicit values win over the variant's."]
+    for f in fields(Hyperparameters):
+        extra = f"  [96: {fmt(VARIANT_96[f.name])}]" if f.name in VARIANT_96 else ""
+        lines.append(f"  --{f.name:<20} {fmt(f.default)}{extra}")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    kinds = {f.name: type(f.default) for f in fields(Hyperparameters)}
+    given, i = {}, 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if arg in ("-h", "--help"):
+            print(usage())
+            sys.exit(0)
+        name, eq, text = arg[2:].partition("=")
+        if not arg.startswith("--"):
+            fail(f"unexpected argument {arg!r}: options are --name=value or --name value")
+        if name not in kinds:
+            fail(f"unknown option --{name} (python train_cifar.py --help lists them)")
+        if not eq:
+            if i == len(argv):
+                fail(f"--{name} needs a value")
+            text, i = argv[i], i + 1
+        kind = kinds[name]
+        try:
+            given[name] = tuple(int(v) for v in text.split(",")) if kind is tuple else kind(text)
+        except ValueError:
+            want = "comma-separated integers" if kind is tuple else kind.__name__
+            fail(f"bad value {text!r} for --{name}: want {want}")
+    cfg = Hyperparameters(**{**(VARIANT_96 if given.get("variant") == 96 else {}), **given})
+    check(cfg)
+    return cfg
+
+
+def check(cfg):
+    for ok, message in [
+            (cfg.variant in (94, 96), "--variant must be 94 or 96"),
+            (cfg.compile in (0, 1), "--compile must be 0 or 1"),
+            (min(cfg.runs, cfg.batch_size, cfg.epochs, cfg.whiten_images, cfg.whiten_bias_epochs) > 0,
+             "--runs, --batch_size, --epochs, --whiten_images and --whiten_bias_epochs must be positive"),
+            (len(cfg.widths) == len(cfg.proxy_widths) == 3, "--widths and --proxy_widths take 3 numbers"),
+            (cfg.depth in (2, 3) and cfg.proxy_depth in (2, 3), "--depth and --proxy_depth must be 2 or 3"),
+            (cfg.tta_level in (0, 1, 2), "--tta_level must be 0, 1 or 2"),
+            (0 <= cfg.translate <= 31 and 0 <= cfg.cutout <= 32, "--translate or --cutout out of range"),
+            (cfg.select <= 1 and int(cfg.select * cfg.batch_size) >= 1, "--select must keep 1 to batch_size examples"),
+            (cfg.proxy_every > 0 and cfg.lookahead_every >= 0, "want --proxy_every > 0 and --lookahead_every >= 0")]:
+        if not ok:
+            fail(message)
+
+
+def environment(device):
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    lines = [f"python: {platform.python_version()}", f"torch: {torch.__version__} (CUDA {torch.version.cuda})",
+             f"triton: {version('triton')}", f"numpy: {np.__version__}",
+             f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
+             f"cpu threads: {torch.get_num_threads()}"]
+    if shutil.which("nvidia-smi"):
+        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout.rstrip())
+    return lines
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
+    train_x, train_y, test_x, test_y = load_cifar10(cfg.data_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.half if device.type == "cuda" else torch.float32  # CUDA: fp16 weights, BatchNorm in fp32
+    torch.backends.cudnn.benchmark = True
+    to_images = lambda a: torch.from_numpy(a).to(device).to(dtype).div(255).permute(0, 3, 1, 2)  # channels_last
+    to_labels = lambda a: torch.from_numpy(a).to(device)
+    data = (to_images(train_x), to_labels(train_y), to_images(test_x), to_labels(test_y))
+
+    os.makedirs("logs", exist_ok=True)
+    log_path = os.path.join("logs", f"{uuid.uuid4()}.txt")
+
+    def log(line, console=True):
+        if console:
+            print(line)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    with open(os.path.abspath(__file__)) as f:
+        log(f.read().rstrip("\n"), console=False)
+    log("=" * 100)
+    for line in environment(device) + [f"command: python train_cifar.py {' '.join(argv)}",
+                                       f"data: {os.path.abspath(cfg.data_dir)} train:{len(train_x)} test:{len(test_x)}",
+                                       "hyperparameters:"]:
+        log(line)
+    for f in fields(cfg):
+        log(f"  --{f.name}={fmt(getattr(cfg, f.name))}")
+    log("=" * 100)
+
+    def make_net(widths, depth):
+        net = CifarNet(widths, depth, cfg.bn_momentum, cfg.logit_scale, cfg.head_unit_std)
+        net = net.to(device, dtype, memory_format=torch.channels_last)
+        for m in net.modules():
+            if isinstance(m, BatchNorm):
+                m.float()
+        if cfg.compile:
+            net.compile(mode="max-autotune" if device.type == "cuda" else None)
+        return net
+
+    model = make_net(cfg.widths, cfg.depth)
+    proxy = make_net(cfg.proxy_widths, cfg.proxy_depth) if cfg.select < 1 else None
+    orthogonalize = torch.compile(newton_schulz) if cfg.compile else newton_schulz
+    if cfg.compile or device.type == "cuda":  # compile and autotune outside the clock
+        acc, seconds = train_run(cfg, model, proxy, data, 1000 * cfg.seed, log, orthogonalize, random_labels=True)
+        log(f"warmup acc:{acc:.4f} time:{seconds:.3f}s")
+    accs, times = [], []
+    for run in range(1, cfg.runs + 1):
+        acc, seconds = train_run(cfg, model, proxy, data, 1000 * cfg.seed + run, log, orthogonalize)
+        log(f"run:{run} acc:{acc:.4f} time:{seconds:.3f}s")
+        accs.append(acc)
+        times.append(seconds)
+    std = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")
+    log(f"summary runs:{len(accs)} acc_mean:{statistics.mean(accs):.4f} acc_std:{std(accs):.4f} "
+        f"time_mean:{statistics.mean(times):.3f}s time_std:{std(times):.3f}s")
+    print(f"log: {log_path}")
+
+
+if __name__ == "__main__":
+    main()
