@@ -26,6 +26,8 @@ class Hyperparameters:
     cooldown_frac: float = 0.5          # fraction of the scheduled steps spent in the linear LR cooldown
     min_lr_frac: float = 0.1            # LR multiplier at the end of the cooldown
     warmup_steps: int = 0               # LR warmup steps
+    lr_schedule: str = "wsd"            # wsd (the record) | cosine | noam | warmup | warmup_decay | constant: see lr_schedule()
+    warmup_type: str = "log"            # warmup of the warmup and warmup_decay schedules: log or linear (DeepSpeed WarmupLR)
     val_loss_every: int = 250           # 0 = only at the end
     vocab_size: int = 50304
     model_dim: int = 768
@@ -41,6 +43,8 @@ class Hyperparameters:
     momentum_cooldown_steps: int = 50
     beta2: float = 0.95
     weight_decay: float = 1.2           # cautious, on the LR schedule: lambda_t = lr_t * weight_decay
+    wd_mode: str = "cautious"           # NorMuon and Adam: cautious (the record) | decoupled | l2 (lambda_t * p joins the gradient) | none
+    wd_schedule: str = "lr"             # lr: lambda_t = wd * lr_t (the record) | constant: lambda = wd * peak lr
     adam_lr: float = 0.008
     adam_beta1: float = 0.65
     adam_beta2: float = 0.95
@@ -53,6 +57,9 @@ class Hyperparameters:
     save_checkpoint: bool = False
     checkpoint_every: int = 0
     resume: str = ""
+    ema_decay: float = 0.0              # weight EMA, evaluated at every validation (ema_val_loss); 0 = off
+    ema_warmup: bool = True             # EMA decay min(ema_decay, (1+t)/(10+t)) (TensorFlow/OpenNMT), else ema_decay
+    average_last: int = 0               # average the last K weight snapshots taken every --checkpoint_every steps (avg_val_loss at the end)
 
 BOS, BLOCK = 50256, 128
 MAGIC, VERSION = 20240520, 1
@@ -88,9 +95,19 @@ def parse_args(argv, cls=Hyperparameters):
 # ----------------------------------------------------------------------------------------------------
 # Schedules (step is the 0-based optimizer step)
 
+LR_SCHEDULES = ("wsd", "cosine", "noam", "warmup", "warmup_decay", "constant")
+
 def lr_schedule(step, h):
+    """Multiplier of every group's base lr (formulas.md §6): S scheduled steps, W warmup steps, floor f = min_lr_frac."""
     S = h.num_iterations - h.num_extension_iterations
-    x = min(step / S, 0.9999)
+    s, W, f = step, h.warmup_steps, h.min_lr_frac
+    if h.lr_schedule == "cosine": return (s + 1) / W if s < W else f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(1, (s - W) / (S - W))))
+    if h.lr_schedule == "noam": return max(f, W ** 0.5 * min((s + 1) ** -0.5, (s + 1) * W ** -1.5))
+    if h.lr_schedule == "constant": return 1.0
+    if h.lr_schedule in ("warmup", "warmup_decay"):  # DeepSpeed WarmupLR / WarmupDecayLR
+        if s < W: return f + (1 - f) * (math.log(s + 1) / math.log(W) if h.warmup_type == "log" else s / W)
+        return 1.0 if h.lr_schedule == "warmup" else f + (1 - f) * max(0, (S - s) / max(1, S - W))
+    x = min(step / S, 0.9999)  # wsd: stable, then linear cooldown to f (and an optional linear warmup)
     w = (1 - x) / h.cooldown_frac
     m = 1.0 if x < 1 - h.cooldown_frac else w + (1 - w) * h.min_lr_frac
     return m * min(1.0, (step + 1) / h.warmup_steps) if h.warmup_steps > 0 else m
@@ -369,10 +386,17 @@ class Comm:
         if self.world == 1: out.copy_(shard); return None
         return dist.all_gather_into_tensor(out, shard.contiguous(), async_op=True)
 
+def decay_rate(u, p, wd, mode):
+    """Weight decay of each entry of p, whose update u gets subtracted (formulas.md §4): cautious = wd only where u already
+    shrinks |p|, decoupled = wd everywhere, l2 (its wd * p joined the gradient) and none = 0."""
+    if mode == "cautious" and wd != 0: return wd * ((u * p) >= 0)
+    return wd if mode == "decoupled" else 0.0
+
 class NorMuon:
     """Nesterov momentum -> Polar Express (Q, K, V, O separately) -> NorMuon row/column normalization -> cautious WD."""
-    def __init__(self, params, comm: Comm, lr, momentum, beta2, weight_decay, ortho=polar_express):
+    def __init__(self, params, comm: Comm, lr, momentum, beta2, weight_decay, ortho=polar_express, wd_mode="cautious"):
         self.comm, self.lr, self.momentum, self.beta2, self.weight_decay, self.ortho = comm, lr, momentum, beta2, weight_decay, ortho
+        self.wd_mode = wd_mode
         groups = {}
         for kind, p in params: groups.setdefault((kind, tuple(p.shape), p.dtype), []).append(p)
         self.groups = []
@@ -390,9 +414,9 @@ class NorMuon:
         return torch.stack(list(tensors) + [torch.zeros_like(tensors[0])] * pad)
 
     @torch.no_grad()
-    def step(self, lr_mult, momentum, wd_scale=1.0):
+    def step(self, lr_mult, momentum, wd_mult=None):  # wd_mult: the decay's schedule multiplier (default lr_mult)
         lr = self.lr * lr_mult
-        wd = lr * self.weight_decay * wd_scale
+        wd = self.lr * (lr_mult if wd_mult is None else wd_mult) * self.weight_decay
         rs = [self.comm.reduce_scatter(self._stack(g, [p.grad for p in g["params"]])) for g in self.groups]
         gathers = []
         for g, (grad, work) in zip(self.groups, rs):
@@ -400,6 +424,7 @@ class NorMuon:
             k, r = g["k"], self.comm.rank
             own = g["params"][r * k:(r + 1) * k]
             P = torch.stack(own + [torch.zeros_like(g["params"][0])] * (k - len(own)))
+            if self.wd_mode == "l2": grad = grad + wd * P
             g["mom"].lerp_(grad, 1 - momentum)
             U = grad.lerp(g["mom"], momentum)  # Nesterov
             O = self.ortho(U.view(g["mats"])).float()
@@ -410,7 +435,7 @@ class NorMuon:
             O = (O * (fro / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))).view(P.shape)
             rows, cols = P.shape[-2:]
             eff_lr = lr * max(1, rows / cols) ** 0.5 * g["lr_mul"]
-            O = O + wd * ((O * P) >= 0) * P  # cautious weight decay: only where the update already shrinks |p|
+            O = O + decay_rate(O, P, wd, self.wd_mode) * P  # weight decay (cautious: only where the update already shrinks |p|)
             new = torch.empty(k * self.comm.world, *P.shape[1:], dtype=P.dtype, device=P.device)
             gathers.append((g, new, self.comm.all_gather(new, (P - eff_lr * O).to(P.dtype))))
         for g, new, work in gathers:
@@ -422,8 +447,8 @@ class NorMuon:
 
 class DistAdam:
     """Adam with bias correction on row shards; bf16 moments as the record."""
-    def __init__(self, params, comm: Comm, lr, betas, eps, weight_decay):
-        self.comm, self.lr, self.betas, self.eps, self.weight_decay = comm, lr, betas, eps, weight_decay
+    def __init__(self, params, comm: Comm, lr, betas, eps, weight_decay, wd_mode="cautious"):
+        self.comm, self.lr, self.betas, self.eps, self.weight_decay, self.wd_mode = comm, lr, betas, eps, weight_decay, wd_mode
         self.params, self.t = params, 0
         for p in params:
             if p.size(0) % comm.world: raise UserError(f"a parameter of {p.size(0)} rows does not split over {comm.world} ranks")
@@ -431,7 +456,7 @@ class DistAdam:
         self.v = [torch.zeros_like(m) for m in self.m]
 
     @torch.no_grad()
-    def step(self, lr_mult, wd_scale=1.0):
+    def step(self, lr_mult, wd_mult=None):
         self.t += 1
         b1, b2 = self.betas
         rs = [self.comm.reduce_scatter(p.grad) for p in self.params]
@@ -439,10 +464,12 @@ class DistAdam:
         for p, m, v, (g, work) in zip(self.params, self.m, self.v, rs):
             if work is not None: work.wait()
             lr = self.lr * getattr(p, "lr_mul", 1.0) * lr_mult
+            wd = self.lr * getattr(p, "lr_mul", 1.0) * (lr_mult if wd_mult is None else wd_mult) * self.weight_decay
             shard = p[self.comm.rank * m.size(0):(self.comm.rank + 1) * m.size(0)]
+            if self.wd_mode == "l2": g = g + wd * shard
             m.lerp_(g.to(m.dtype), 1 - b1); v.lerp_(g.square().to(v.dtype), 1 - b2)
             upd = m.float() / (v.float().sqrt() + self.eps) * (lr * (1 - b2 ** self.t) ** 0.5 / (1 - b1 ** self.t))
-            new = shard.float() * (1 - lr * self.weight_decay * wd_scale) - upd
+            new = shard.float() * (1 - decay_rate(upd, shard.float(), wd, self.wd_mode)) - upd
             gathers.append(self.comm.all_gather(p, new.to(p.dtype)))
         for work in gathers:
             if work is not None: work.wait()
@@ -574,9 +601,11 @@ class Trainer:
             p.lr_mul = mul
         self.adam_params = [m.scalars, m.lm_head.weight, m.embed.weight] + [e.weight for e in m.value_embeds]
         ortho = torch.compile(polar_express, dynamic=False, fullgraph=True) if h.compile else polar_express
-        self.muon = NorMuon(muon, self.comm, h.lr, h.momentum, h.beta2, h.weight_decay, ortho)
-        self.adam = DistAdam(self.adam_params, self.comm, h.adam_lr, (h.adam_beta1, h.adam_beta2), h.adam_eps, h.adam_weight_decay)
+        self.muon = NorMuon(muon, self.comm, h.lr, h.momentum, h.beta2, h.weight_decay, ortho, h.wd_mode)
+        self.adam = DistAdam(self.adam_params, self.comm, h.adam_lr, (h.adam_beta1, h.adam_beta2), h.adam_eps, h.adam_weight_decay, h.wd_mode)
         self.muon_params = [p for _, p in muon]
+        self.ema = [p.detach().float().clone() for p in m.parameters()] if h.ema_decay > 0 else None  # fp32 shadow, on the device
+        self.snapshots = []  # --average_last: (step, weights in host memory)
 
     def set_windows(self, step):
         short, long = window_blocks(step, self.h)
@@ -592,12 +621,24 @@ class Trainer:
             loss = self.fwd(inputs, targets, self.model.layer_masks(make_masks(inputs, windows, self.flex)))
             (loss / 8).backward()  # gradients summed over ranks and micro-batches = mean over the 8 slots
         lr = lr_schedule(step, self.h)
-        self.muon.step(lr, muon_momentum(step, self.h))
+        wd = lr if self.h.wd_schedule == "lr" else 1.0  # weight decay on the LR schedule (the record) or at the peak lr
+        self.muon.step(lr, muon_momentum(step, self.h), wd)
         for p in self.muon_params: p.grad = None
         if step % 2 == 1:  # Adam steps every other step, on gradients accumulated over two steps
-            self.adam.step(lr)
+            self.adam.step(lr, wd)
             for p in self.adam_params: p.grad = None
+        if self.ema is not None: self.update_ema(step)
         return windows, lengths
+
+    def update_ema(self, t):  # after step t (0-based): the warmup rule gives decay 0.1 after the first step
+        d = min(self.h.ema_decay, (1 + t) / (10 + t)) if self.h.ema_warmup else self.h.ema_decay
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.model.parameters()], 1 - d)
+
+    def snapshot(self, step):
+        self.snapshots = (self.snapshots + [(step, [p.detach().to("cpu", copy=True) for p in self.model.parameters()])])[-self.h.average_last:]
+
+    def average(self):  # uniform, in fp32
+        return [sum(w.float() for w in ws) / len(ws) for ws in zip(*(snap for _, snap in self.snapshots))]
 
     @torch.no_grad()
     def evaluate(self, step, val):
@@ -614,6 +655,21 @@ class Trainer:
         if self.world > 1: dist.all_reduce(total)
         return total.item() / self.h.val_tokens
 
+    @torch.no_grad()
+    def evaluate_weights(self, step, val, weights):
+        """Val loss with other weights (EMA shadow, checkpoint average) in the model; the live weights are restored. Collective."""
+        live = [p.detach().clone() for p in self.model.parameters()]
+        for p, w in zip(self.model.parameters(), weights): p.copy_(w)
+        loss = self.evaluate(step, val)
+        for p, w in zip(self.model.parameters(), live): p.copy_(w)
+        return loss
+
+    def val_fields(self, step, val, last):
+        """The key:value fields after val_loss: EMA and (at the end) checkpoint-average val losses, weight norms. Collective."""
+        out = f" ema_val_loss:{self.evaluate_weights(step, val, self.ema):.4f}" if self.ema is not None else ""
+        if last and self.snapshots: out += f" avg_val_loss:{self.evaluate_weights(step, val, self.average()):.4f}"
+        return out + "".join(f" {k}:{v:.2f}" for k, v in weight_norms(self.model).items())
+
     def state_dict(self):
         """World-size independent: optimizer shards are gathered. Collective: every rank calls it."""
         def gather(t):
@@ -628,7 +684,8 @@ class Trainer:
             if self.world > 1: dist.all_reduce(g)
             pending.append(g.cpu())
         return dict(model={k: v.cpu() for k, v in self.model.state_dict().items()}, muon=muon,
-                    adam=[{k: gather(v) for k, v in s.items()} for s in self.adam.state()], adam_t=self.adam.t, adam_pending=pending)
+                    adam=[{k: gather(v) for k, v in s.items()} for s in self.adam.state()], adam_t=self.adam.t, adam_pending=pending,
+                    ema=None if self.ema is None else [t.cpu() for t in self.ema], snapshots=self.snapshots)
 
     def load_state_dict(self, sd):
         self.model.load_state_dict(sd["model"])
@@ -643,6 +700,15 @@ class Trainer:
         self.adam.t = sd["adam_t"]
         for p, g in zip(self.adam_params, sd["adam_pending"]):  # rank 0 holds the summed pending gradient
             p.grad = None if g is None else (g.to(p.device) if self.rank == 0 else torch.zeros_like(p))
+        if self.ema is not None:  # a checkpoint without a shadow starts it from its weights
+            self.ema = [t.to(self.device) for t in sd["ema"]] if sd.get("ema") else [p.detach().float().clone() for p in self.model.parameters()]
+        self.snapshots = sd.get("snapshots", [])[-self.h.average_last:] if self.h.average_last else []
+
+def weight_norms(model):
+    """wnorm: global L2 norm of the weights; wnorm_{attn,mlp,embed,head,scalars}: per group (smear gate with the scalars)."""
+    sq = dict.fromkeys(("attn", "mlp", "embed", "head", "scalars"), 0.0)
+    for name, p in model.named_parameters(): sq[next((g for g in sq if g in name), "scalars")] += p.detach().double().square().sum().item()
+    return {"wnorm": math.sqrt(sum(sq.values())), **{f"wnorm_{g}": math.sqrt(v) for g, v in sq.items()}}
 
 def environment(h, world):
     lines = [f"Running Python {sys.version}", f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
@@ -658,6 +724,7 @@ def environment(h, world):
 
 def validate(h, world):
     S = h.num_iterations - h.num_extension_iterations
+    need_w = (2 if h.warmup_type == "log" else 1) if h.lr_schedule in ("warmup", "warmup_decay") else int(h.lr_schedule == "noam")
     checks = [(8 % world == 0, f"world size {world} does not divide 8: use 1, 2, 4 or 8 processes"),
               (h.train_batch_size % (8 * BLOCK) == 0, f"--train_batch_size={h.train_batch_size} must be a multiple of {8 * BLOCK}"),
               (0 < S, "--num_extension_iterations must be smaller than --num_iterations"),
@@ -667,6 +734,16 @@ def validate(h, world):
               (h.model_dim >= 12 and h.num_layers >= 2, "--model_dim must be >= 12 and --num_layers >= 2"),
               (h.vocab_size > BOS and h.vocab_size % 8 == 0, "--vocab_size must exceed 50256 and be a multiple of 8"),
               (len(h.ws_schedule) > 0, "--ws_schedule needs at least one window"),
+              (h.lr_schedule in LR_SCHEDULES, f"--lr_schedule={h.lr_schedule}: unknown, use one of {', '.join(LR_SCHEDULES)}"),
+              (h.warmup_type in ("log", "linear"), f"--warmup_type={h.warmup_type}: use log or linear"),
+              (h.warmup_steps >= need_w, f"--lr_schedule={h.lr_schedule} needs --warmup_steps >= {need_w} (got {h.warmup_steps})"),
+              (h.lr_schedule not in ("cosine", "warmup_decay") or h.warmup_steps < S,
+               f"--warmup_steps={h.warmup_steps} must be below the {S} scheduled steps for --lr_schedule={h.lr_schedule}"),
+              (h.wd_mode in ("cautious", "decoupled", "l2", "none"), f"--wd_mode={h.wd_mode}: use cautious, decoupled, l2 or none"),
+              (h.wd_schedule in ("lr", "constant"), f"--wd_schedule={h.wd_schedule}: use lr or constant"),
+              (0 <= h.ema_decay < 1, f"--ema_decay={h.ema_decay} must be in [0, 1) (0 = off)"),
+              (h.checkpoint_every >= 0 and h.average_last >= 0, "--checkpoint_every and --average_last must be >= 0"),
+              (h.average_last == 0 or h.checkpoint_every > 0, "--average_last needs --checkpoint_every > 0 (the snapshot interval)"),
               (not h.resume or os.path.isfile(h.resume), f"--resume={h.resume}: no such file")]
     for ok, msg in checks:
         if not ok: raise UserError(msg)
@@ -713,7 +790,7 @@ def main(argv):
 
     if h.kernel_warmup_steps > 0:  # compile and warm up kernels on every training window, then restore all state
         saved = copy.deepcopy(dict(model=trainer.model.state_dict(), muon=trainer.muon.state(), adam=trainer.adam.state(), t=trainer.adam.t,
-                                   grads=[p.grad for p in trainer.adam_params]))
+                                   grads=[p.grad for p in trainer.adam_params], ema=trainer.ema))
         rot = (trainer.model.rotary.freq, trainer.model.rotary.attn_scale, trainer.model.rotary.ws)
         warm_loader, S = TrainLoader(h, rank, world, device), h.num_iterations - h.num_extension_iterations
         stages = sorted({int(S * i / len(h.ws_schedule)) for i in range(len(h.ws_schedule))} | {S})
@@ -722,7 +799,7 @@ def main(argv):
         trainer.model.load_state_dict(saved["model"])
         for live, keep in zip(trainer.muon.state() + trainer.adam.state(), saved["muon"] + saved["adam"]):
             for k in live: live[k].copy_(keep[k])
-        trainer.adam.t = saved["t"]
+        trainer.adam.t, trainer.ema = saved["t"], saved["ema"]
         for p, g in zip(trainer.adam_params, saved["grads"]): p.grad = g
         for p in trainer.muon_params: p.grad = None
         r = trainer.model.rotary
@@ -739,10 +816,15 @@ def main(argv):
     sync(); t0 = time.perf_counter()
     for step in range(start, h.num_iterations + 1):
         last = step == h.num_iterations
+        if h.average_last and step > start and (last or step % h.checkpoint_every == 0):  # untimed, like a checkpoint
+            sync(); train_ms += 1000 * (time.perf_counter() - t0)
+            trainer.snapshot(step)
+            sync(); t0 = time.perf_counter()
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             sync(); train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
             val_loss = trainer.evaluate(step, val)
-            log(f"step:{step}/{h.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            log(f"step:{step}/{h.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
+                + trainer.val_fields(step, val, last))
             sync(); t0 = time.perf_counter()
         if h.save_checkpoint and (last or (h.checkpoint_every > 0 and step > start and step % h.checkpoint_every == 0)):
             sync(); train_ms += 1000 * (time.perf_counter() - t0)
@@ -752,6 +834,10 @@ def main(argv):
                 torch.save(dict(sd, step=step, train_ms=train_ms, loader=loader.state(), hyperparameters=dataclasses.asdict(h)),
                            f"logs/{run_id}/state_step{step:06d}.pt")
                 log(f"checkpoint: logs/{run_id}/state_step{step:06d}.pt")
+                if last and trainer.snapshots:
+                    names, steps = [k for k, _ in trainer.model.named_parameters()], [s for s, _ in trainer.snapshots]
+                    torch.save(dict(model=dict(zip(names, trainer.average())), steps=steps), f"logs/{run_id}/average_step{step:06d}.pt")
+                    log(f"checkpoint average: logs/{run_id}/average_step{step:06d}.pt (steps {','.join(map(str, steps))})")
             sync(); t0 = time.perf_counter()
         if last: break
         (short, long), lengths = trainer.train_step(step, loader)

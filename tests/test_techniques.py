@@ -1,0 +1,317 @@
+"""train_gpt.py technique switches (issue 6): LR schedule family, weight-decay modes, weight EMA, checkpoint averaging,
+weight norms. Each against formulas or a slow reference written here; tiny real runs on CPU."""
+import math, os, re, subprocess, sys
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from tests.gptdata import write_corpus
+from tests.test_gpt import ROOT, SCRIPT, parse_log, rel, run_cli
+
+# the train_gpt.py before the switches: "switches absent" = the record's behaviour (update the pin if a record changes it)
+PRE_SWITCHES = "279ce2e"
+# narrower than test_gpt's TINY (the 50304-wide head dominates a CPU step)
+SMALL = ["--num_layers=4", "--model_dim=16", "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128",
+         "--val_tokens=1000", "--val_seq_len=1024", "--compile=0", "--kernel_warmup_steps=0"]
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    write_corpus(str(d), train_tokens=300_000, val_tokens=20_000)
+    return [f"--train_files={d}/fineweb_train_*.bin", f"--val_files={d}/fineweb_val_000000.bin"]
+
+# ---------------------------------------------------------------------------------------------- LR schedules
+
+def schedule_ref(kind, s, S=1000, W=100, f=0.1, c=0.5, warmup_type="log"):
+    """The issue's formulas, one branch per schedule."""
+    if kind == "wsd":
+        x = min(s / S, 0.9999)
+        w = (1 - x) / c
+        return (1.0 if x < 1 - c else w + (1 - w) * f) * (min(1.0, (s + 1) / W) if W > 0 else 1.0)
+    if kind == "cosine":
+        return (s + 1) / W if s < W else f + (1 - f) * (1 + math.cos(math.pi * min(1.0, (s - W) / (S - W)))) / 2
+    if kind == "noam":
+        return max(f, math.sqrt(W) * min(1 / math.sqrt(s + 1), (s + 1) / W ** 1.5))
+    if kind in ("warmup", "warmup_decay"):
+        if s < W: return f + (1 - f) * (math.log(s + 1) / math.log(W) if warmup_type == "log" else s / W)
+        return 1.0 if kind == "warmup" else f + (1 - f) * max(0.0, (S - s) / max(1, S - W))
+    assert kind == "constant"
+    return 1.0
+
+# hand values at S = 1000 scheduled steps (+40 extension), W = 100, f = 0.1, c = 0.5
+HAND = {("wsd", 0): 0.01, ("wsd", 99): 1.0, ("wsd", 499): 1.0, ("wsd", 500): 1.0, ("wsd", 750): 0.55, ("wsd", 1000): 0.10018,
+        ("wsd", 1039): 0.10018, ("cosine", 0): 0.01, ("cosine", 99): 1.0, ("cosine", 100): 1.0, ("cosine", 550): 0.55,
+        ("cosine", 1000): 0.1, ("cosine", 1039): 0.1, ("noam", 0): 0.1, ("noam", 99): 1.0, ("noam", 399): 0.5,
+        ("warmup", 0): 0.1, ("warmup", 9): 0.55, ("warmup", 99): 1.0, ("warmup", 100): 1.0, ("warmup", 1039): 1.0,
+        ("warmup_decay", 0): 0.1, ("warmup_decay", 100): 1.0, ("warmup_decay", 550): 0.55, ("warmup_decay", 1000): 0.1,
+        ("warmup_decay", 1039): 0.1, ("constant", 0): 1.0, ("constant", 1039): 1.0}
+
+@pytest.mark.parametrize("kind", tg.LR_SCHEDULES)
+@pytest.mark.parametrize("warmup_type", ["log", "linear"])
+def test_lr_schedule_at_boundaries(kind, warmup_type):
+    h = tg.parse_args([f"--lr_schedule={kind}", "--num_iterations=1040", "--num_extension_iterations=40", "--warmup_steps=100",
+                       f"--warmup_type={warmup_type}"])
+    tg.validate(h, 1)
+    for s in [0, 1, 2, 9, 50, 98, 99, 100, 101, 399, 499, 500, 501, 550, 750, 999, 1000, 1001, 1039]:
+        assert tg.lr_schedule(s, h) == pytest.approx(schedule_ref(kind, s, warmup_type=warmup_type), abs=1e-12), s
+        if (kind, s) in HAND and (warmup_type == "log" or "warmup" not in kind or s >= 100):
+            assert tg.lr_schedule(s, h) == pytest.approx(HAND[kind, s], abs=1e-9), s
+    if warmup_type == "linear" and "warmup" in kind:
+        assert [tg.lr_schedule(s, h) for s in (0, 50, 99)] == pytest.approx([0.1, 0.55, 0.991])
+    h.warmup_steps = 0  # the record (and cosine) without warmup
+    if kind in ("wsd", "cosine"):
+        for s in [0, 499, 500, 501, 999, 1000, 1039]:
+            assert tg.lr_schedule(s, h) == pytest.approx(schedule_ref(kind, s, W=0), abs=1e-12), s
+
+def test_record_schedule_is_the_default():
+    h = tg.Hyperparameters()
+    assert (h.lr_schedule, h.wd_mode, h.wd_schedule, h.ema_decay, h.average_last) == ("wsd", "cautious", "lr", 0.0, 0)
+    for s in [0, 1102, 1103, 2204, 2205, 2244]:
+        assert tg.lr_schedule(s, h) == schedule_ref("wsd", s, S=2205, W=0)
+
+# ---------------------------------------------------------------------------------------------- bad flags
+
+@pytest.mark.parametrize("args,expect", [
+    (["--lr_schedule=linear"], "--lr_schedule=linear"),
+    (["--lr_schedule=noam"], "--warmup_steps >= 1"),
+    (["--lr_schedule=warmup", "--warmup_steps=1"], "--warmup_steps >= 2"),
+    (["--lr_schedule=warmup_decay", "--warmup_type=linear"], "--warmup_steps >= 1"),
+    (["--lr_schedule=cosine", "--warmup_steps=2205"], "must be below the 2205 scheduled steps"),
+    (["--warmup_steps=-1"], "--warmup_steps >= 0"),
+    (["--warmup_type=cos"], "--warmup_type=cos"),
+    (["--wd_mode=adamw"], "--wd_mode=adamw"),
+    (["--wd_schedule=cosine"], "--wd_schedule=cosine"),
+    (["--ema_decay=1"], "--ema_decay"),
+    (["--average_last=3"], "--average_last needs --checkpoint_every"),
+    (["--average_last=-1", "--checkpoint_every=5"], "must be >= 0")])
+def test_bad_values_are_one_line_errors(args, expect):
+    with pytest.raises(tg.UserError) as e:
+        tg.validate(tg.parse_args(args), 1)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+def test_bad_value_on_the_command_line(tmp_path):
+    r = run_cli(["--average_last=3"], tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--average_last needs --checkpoint_every" in lines[0], r.stderr
+
+# ---------------------------------------------------------------------------------------------- weight decay modes
+
+MODES = ["cautious", "decoupled", "l2", "none"]
+
+def normuon_first_step_ref(p, g, kind, lr, lam, mode, mu, beta2, lr_mul):
+    """One NorMuon step from zero state in fp64, identity orthogonalization; the decay per mode."""
+    p, g = p.double(), g.double()
+    if mode == "l2": g = g + lam * p  # L2: the gradient of lam/2 |p|^2 joins the loss gradient
+    u = (1 - mu) * g + mu * ((1 - mu) * g)  # Nesterov with the momentum after its first update
+    mats = u.view(4, p.size(0), -1) if kind == "attn" else u[None]
+    outs = []
+    for o in mats:
+        stat = (o ** 2).mean(dim=1, keepdim=True) if o.size(0) >= o.size(1) else (o ** 2).mean(dim=0, keepdim=True)
+        o2 = o / ((1 - beta2) * stat).sqrt()
+        outs.append(o2 * o.norm() / o2.norm())
+    upd = torch.stack(outs).reshape(p.shape)
+    mask = {"cautious": (upd * p >= 0).double(), "decoupled": torch.ones_like(p), "l2": torch.zeros_like(p), "none": torch.zeros_like(p)}[mode]
+    return p - lr * max(1, p.size(0) / p.size(1)) ** 0.5 * lr_mul * (upd + lam * mask * p)
+
+@pytest.mark.parametrize("wd_mult", [None, 1.0])  # None: decay on the LR schedule (lambda = wd * lr_t); 1.0: at the peak lr
+def test_normuon_decay_modes_against_reference(wd_mult):
+    torch.manual_seed(3)
+    specs = [("attn", (8, 32), 1.0), ("mlp", (8, 32), 2.0), ("gate", (2, 12), 1.0), ("gate", (24, 12), 1.0)]
+    p0 = [torch.randn(shape) for _, shape, _ in specs]
+    grads = [torch.randn(shape) * 0.5 for _, shape, _ in specs]
+    base, lr_mult, wd = 0.05, 0.4, 3.0
+    lam = base * (lr_mult if wd_mult is None else wd_mult) * wd
+    refs = {}
+    for mode in MODES:
+        params = []
+        for (kind, _, mul), p in zip(specs, p0):
+            q = torch.nn.Parameter(p.clone()); q.lr_mul = mul; q.grad = grads[len(params)].clone(); params.append((kind, q))
+        opt = tg.NorMuon(params, tg.Comm(0, 1), lr=base, momentum=0.9, beta2=0.95, weight_decay=wd, ortho=lambda U: U.float(), wd_mode=mode)
+        opt.step(lr_mult, 0.9, wd_mult)
+        refs[mode] = []
+        for (kind, q), p, g, (_, _, mul) in zip(params, p0, grads, specs):
+            ref = normuon_first_step_ref(p, g, kind, base * lr_mult, lam, mode, 0.9, 0.95, mul)
+            assert rel(q.detach() - p, ref - p.double()) < 1e-4, (mode, kind)  # fp32 rounding of p
+            refs[mode].append(ref)
+    for a, b in [("cautious", "decoupled"), ("decoupled", "none"), ("l2", "none"), ("cautious", "none")]:
+        assert min(rel(x - p.double(), y - p.double()) for x, y, p in zip(refs[a], refs[b], p0)) > 1e-2, (a, b)  # the test can tell them apart
+
+def adam_first_step_ref(p, g, lr, lam, mode, b1=0.65, b2=0.95, eps=1e-8):
+    p, g = p.double(), g.double()
+    if mode == "l2": g = g + lam * p
+    upd = lr * ((1 - b1) * g / (1 - b1)) / (((1 - b2) * g ** 2 / (1 - b2)).sqrt() + eps / math.sqrt(1 - b2))  # t = 1, bias-corrected
+    mask = {"cautious": (upd * p >= 0).double(), "decoupled": torch.ones_like(p), "l2": torch.zeros_like(p), "none": torch.zeros_like(p)}[mode]
+    return p * (1 - lam * mask) - upd
+
+@pytest.mark.parametrize("wd_mult", [None, 1.0])
+def test_adam_decay_modes_against_reference(wd_mult):
+    torch.manual_seed(4)
+    p0, g = torch.randn(16, 8), torch.randn(16, 8) * 0.03
+    base, lr_mult, mul, wd = 0.01, 0.5, 5.0, 2.0
+    lam = base * mul * (lr_mult if wd_mult is None else wd_mult) * wd
+    refs = {}
+    for mode in MODES:
+        q = torch.nn.Parameter(p0.clone()); q.lr_mul = mul; q.grad = g.clone()
+        opt = tg.DistAdam([q], tg.Comm(0, 1), lr=base, betas=(0.65, 0.95), eps=1e-8, weight_decay=wd, wd_mode=mode)
+        opt.step(lr_mult, wd_mult)
+        refs[mode] = adam_first_step_ref(p0, g, base * mul * lr_mult, lam, mode)
+        assert rel(q.detach() - p0, refs[mode] - p0.double()) < 1e-2, mode  # bf16 moments, as the record
+    for a, b in [("cautious", "decoupled"), ("decoupled", "none"), ("l2", "none"), ("cautious", "none")]:
+        assert rel(refs[a] - p0.double(), refs[b] - p0.double()) > 0.1, (a, b)
+
+def test_trainer_passes_the_decay_schedule(corpus, monkeypatch):
+    h = tg.parse_args(corpus + SMALL + ["--num_iterations=4", "--num_extension_iterations=1"])
+    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
+    assert trainer.muon.wd_mode == trainer.adam.wd_mode == "cautious"
+    calls = []
+    monkeypatch.setattr(trainer.muon, "step", lambda lr, mom, wd: calls.append(("muon", lr, wd)))
+    monkeypatch.setattr(trainer.adam, "step", lambda lr, wd: calls.append(("adam", lr, wd)))
+    loader = tg.TrainLoader(h, 0, 1, torch.device("cpu"))
+    trainer.train_step(3, loader)  # an odd step: Adam steps too
+    h.wd_schedule = "constant"
+    trainer.train_step(3, loader)
+    lr = tg.lr_schedule(3, h)
+    assert lr < 1 and calls == [("muon", lr, lr), ("adam", lr, lr), ("muon", lr, 1.0), ("adam", lr, 1.0)]
+
+# ---------------------------------------------------------------------------------------------- EMA and averaging
+
+def test_ema_and_average_hand_values(corpus):
+    h = tg.parse_args(corpus + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--ema_decay=0.9",
+                                        "--average_last=2", "--checkpoint_every=2"])
+    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
+    params = list(trainer.model.parameters())
+    assert all(torch.equal(e, p) for e, p in zip(trainer.ema, params))  # the shadow starts at the weights
+    def fill(v):
+        with torch.no_grad():
+            for p in params: p.fill_(v)
+    for e in trainer.ema: e.fill_(1.0)
+    fill(2.0); trainer.update_ema(0)   # decay min(0.9, 1/10) = 0.1: 0.1 * 1 + 0.9 * 2
+    assert all(torch.allclose(e, torch.full_like(e, 1.9)) for e in trainer.ema)
+    fill(4.0); trainer.update_ema(1)   # decay 2/11
+    assert all(torch.allclose(e, torch.full_like(e, (2 * 1.9 + 9 * 4) / 11)) for e in trainer.ema)
+    fill(0.0); trainer.update_ema(500)  # decay 0.9 (501/510 > 0.9)
+    assert all(torch.allclose(e, torch.full_like(e, 0.9 * (2 * 1.9 + 9 * 4) / 11)) for e in trainer.ema)
+    h.ema_warmup = False
+    for e in trainer.ema: e.fill_(1.0)
+    fill(2.0); trainer.update_ema(0)   # decay 0.9 from the start
+    assert all(torch.allclose(e, torch.full_like(e, 1.1)) for e in trainer.ema)
+    # averaging: the last 2 snapshots, copies in host memory, uniform mean
+    for step, v in [(2, 1.0), (4, 3.0), (6, 8.0)]:
+        fill(v); trainer.snapshot(step)
+    fill(-1.0)
+    assert [s for s, _ in trainer.snapshots] == [4, 6]
+    assert all(torch.equal(a, torch.full_like(a, 5.5)) for a in trainer.average())
+    # checkpoint: shadow and snapshots travel with the state; a checkpoint without a shadow starts it from its weights
+    sd = trainer.state_dict()
+    other = tg.Trainer(h, 0, 1, torch.device("cpu"))
+    other.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(other.ema, trainer.ema)) and [s for s, _ in other.snapshots] == [4, 6]
+    other.load_state_dict(dict(sd, ema=None))
+    assert all(torch.equal(e, torch.full_like(e, -1.0)) for e in other.ema)
+
+def test_evaluating_other_weights_restores_the_live_ones(corpus):
+    h = tg.parse_args(corpus + SMALL)
+    trainer, val = tg.Trainer(h, 0, 1, torch.device("cpu")), tg.load_val(h)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in trainer.model.parameters(): p.add_(torch.randn_like(p) * 0.05)
+    live, live_loss = [p.detach().clone() for p in trainer.model.parameters()], trainer.evaluate(0, val)
+    other = [p + torch.randn_like(p) * 0.05 for p in live]
+    loss = trainer.evaluate_weights(0, val, other)
+    assert all(same_bits(p.detach(), q) for p, q in zip(trainer.model.parameters(), live)) and trainer.evaluate(0, val) == live_loss
+    with torch.no_grad():
+        for p, w in zip(trainer.model.parameters(), other): p.copy_(w)
+    assert loss == trainer.evaluate(0, val) and abs(loss - live_loss) > 1e-3
+
+# ---------------------------------------------------------------------------------------------- tiny runs
+
+def flat_state(sd):
+    out = {f"model.{k}": v for k, v in sd["model"].items()}
+    for i, g in enumerate(sd["muon"]): out.update({f"muon{i}.{k}": v for k, v in g.items()})
+    for i, g in enumerate(sd["adam"]): out.update({f"adam{i}.{k}": v for k, v in g.items()})
+    out.update({f"pending{i}": g for i, g in enumerate(sd["adam_pending"]) if g is not None})
+    return out
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+def test_defaults_reproduce_the_record_bit_for_bit(tmp_path, corpus):
+    """The script with no new switches, and with every new switch at its default value plus EMA and averaging on, trains
+    exactly as the script before the switches (weights, optimizer state, data position, val losses: same bits)."""
+    common = corpus + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2", "--save_checkpoint=1"]
+    runs = {"absent": (SCRIPT, []),
+            "explicit": (SCRIPT, ["--lr_schedule=wsd", "--warmup_type=log", "--wd_mode=cautious", "--wd_schedule=lr",
+                                  "--ema_decay=0.9", "--average_last=2", "--checkpoint_every=2"])}
+    old = subprocess.run(["git", "-C", ROOT, "show", f"{PRE_SWITCHES}:train_gpt.py"], capture_output=True, text=True)
+    if old.returncode == 0:
+        (tmp_path / "train_gpt_pre_switches.py").write_text(old.stdout)
+        runs["record"] = (str(tmp_path / "train_gpt_pre_switches.py"), [])
+    for name, (script, extra) in runs.items():
+        r = subprocess.run([sys.executable, script, *common, *extra, f"--run_id={name}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+    states = {n: torch.load(tmp_path / f"logs/{n}/state_step000004.pt", map_location="cpu", weights_only=False) for n in runs}
+    vals = {n: parse_log(tmp_path / f"logs/{n}.txt")[2] for n in runs}
+    base = flat_state(states["absent"])
+    for n in runs:
+        other = flat_state(states[n])
+        assert other.keys() == base.keys() and all(same_bits(other[k], base[k]) for k in base), n
+        assert (states[n]["loader"], states[n]["adam_t"]) == (states["absent"]["loader"], states["absent"]["adam_t"])
+        assert vals[n] == vals["absent"] and [s for s, _ in vals[n]] == [0, 2, 4], n
+    if "record" not in runs: pytest.skip(f"no git history with {PRE_SWITCHES}: compared explicit defaults with absent switches only")
+
+def group_of(name):  # the wnorm groups, by hand
+    if ".attn." in name: return "attn"
+    if ".mlp." in name: return "mlp"
+    if name.startswith(("embed.", "value_embeds.")): return "embed"
+    return "head" if name.startswith("lm_head.") else "scalars"
+
+def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, corpus):
+    args = corpus + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2", "--lr_schedule=cosine",
+                             "--warmup_steps=2", "--wd_mode=decoupled", "--ema_decay=0.9", "--average_last=3", "--checkpoint_every=1",
+                             "--save_checkpoint=1", "--kernel_warmup_steps=2"]
+    r = run_cli(args + ["--run_id=tech"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    body = open(tmp_path / "logs/tech.txt").read().split("=" * 100 + "\n")[2]
+    lines = [l for l in body.splitlines() if " val_loss:" in l and l.startswith("step:")]
+    fields = [dict(kv.split(":", 1) for kv in l.split()[1:]) for l in lines]
+    assert [l.split()[0] for l in lines] == ["step:0/4", "step:2/4", "step:4/4"]
+    groups = ["attn", "mlp", "embed", "head", "scalars"]
+    for f in fields:  # extra fields come after the standard ones
+        assert list(f)[:4] == ["val_loss", "train_time", "step_avg", "ema_val_loss"]
+        assert list(f)[4:] == (["avg_val_loss"] if f is fields[-1] else []) + ["wnorm"] + [f"wnorm_{g}" for g in groups]
+    assert fields[0]["ema_val_loss"] == fields[0]["val_loss"]  # the shadow starts at the weights
+    assert "checkpoint average: logs/tech/average_step000004.pt (steps 2,3,4)" in body
+    # hand-computed EMA and average from the saved per-step weights and the initial weights (same seed)
+    h = tg.parse_args(args)
+    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
+    names = [n for n, _ in trainer.model.named_parameters()]
+    w = {0: {n: p.detach().double().clone() for n, p in trainer.model.named_parameters()}}
+    for s in range(1, 5):
+        w[s] = {n: v.double() for n, v in torch.load(tmp_path / f"logs/tech/state_step{s:06d}.pt", weights_only=False)["model"].items()}
+    shadow = dict(w[0])
+    for t in range(4):
+        d = min(0.9, (1 + t) / (10 + t))
+        shadow = {n: d * shadow[n] + (1 - d) * w[t + 1][n] for n in names}
+    final = torch.load(tmp_path / "logs/tech/state_step000004.pt", weights_only=False)
+    for n, e in zip(names, final["ema"]): assert torch.allclose(e.double(), shadow[n], rtol=1e-5, atol=1e-6), n
+    avg = torch.load(tmp_path / "logs/tech/average_step000004.pt", weights_only=False)
+    assert avg["steps"] == [2, 3, 4] and [s for s, _ in final["snapshots"]] == [2, 3, 4]
+    for n in names: assert torch.allclose(avg["model"][n].double(), (w[2][n] + w[3][n] + w[4][n]) / 3, rtol=1e-6, atol=1e-7), n
+    # the logged losses and norms of the final line, recomputed from those weights
+    for s in range(4): trainer.model.rotary.set_window(tg.window_blocks(s, h)[1])  # the YaRN state after training
+    val = tg.load_val(h)
+    for key, weights in [("val_loss", w[4]), ("ema_val_loss", shadow), ("avg_val_loss", avg["model"])]:
+        loss = trainer.evaluate_weights(4, val, [weights[n].float() for n in names])
+        assert abs(loss - float(fields[-1][key])) < 6e-5, key
+    sq = {g: sum(float((w[4][n] ** 2).sum()) for n in names if group_of(n) == g) for g in groups}
+    assert float(fields[-1]["wnorm"]) == pytest.approx(math.sqrt(sum(sq.values())), abs=6e-3)
+    for g in groups: assert float(fields[-1][f"wnorm_{g}"]) == pytest.approx(math.sqrt(sq[g]), abs=6e-3), g
+
+@pytest.mark.parametrize("mode", ["l2", "none"])  # cautious and decoupled run in the tests above
+def test_every_decay_mode_runs(tmp_path, corpus, mode, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # in-process main(): the command line itself is exercised by the runs above
+    tg.main(corpus + SMALL + ["--num_iterations=2", "--num_extension_iterations=1", f"--wd_mode={mode}", "--wd_schedule=constant",
+                              "--adam_weight_decay=0.01", "--run_id=m"])
+    vals = parse_log(tmp_path / "logs/m.txt")[2]
+    assert [s for s, _ in vals] == [0, 2] and math.isfinite(vals[-1][1]) and vals[-1][1] < vals[0][1]
