@@ -234,7 +234,7 @@ def markdown(r, prev=None):
               f"one-sided one-sample t-test that the mean is {side} {r.target:g}: p = {r.p:.4g} "
               f"({'meets' if r.p < 0.01 else 'does NOT meet'} p < 0.01)",
               f"- **time**: mean {statistics.mean(r.times):.3f} s, std {std(r.times):.3f} s",
-              f"- **code**: " + (f"identical in the {len(r.logs)} log{'s' * (len(r.logs) > 1)} (sha256 {r.code_hash})" if r.same_code else
+              "- **code**: " + (f"identical in the {len(r.logs)} log{'s' * (len(r.logs) > 1)} (sha256 {r.code_hash})" if r.same_code else
                                  f"DIFFERS: {', '.join(r.other_code)} against the other logs"),
               f"- **hardware**: {'; '.join(r.hardware)}"]
     for k, values in r.config_diff.items():

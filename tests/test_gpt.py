@@ -1,12 +1,11 @@
 """train_gpt.py on CPU: each piece against a slow reference written here, then tiny real runs."""
-import dataclasses, glob, math, os, re, subprocess, sys
+import dataclasses, math, os, re, subprocess, sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train_gpt as tg
-from tests.gptdata import learnable_docs, write_corpus, write_shard
+from tests.gptdata import learnable_docs, write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt.py")
@@ -264,15 +263,9 @@ def run_cli(args, cwd, **kw):
 TINY = ["--num_layers=4", "--model_dim=64", "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128",
         "--val_tokens=3000", "--val_seq_len=1024", "--compile=0", "--kernel_warmup_steps=0"]
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    write_corpus(str(d), train_tokens=300_000, val_tokens=20_000)
-    return d, [f"--train_files={d}/fineweb_train_*.bin", f"--val_files={d}/fineweb_val_000000.bin"]
-
 @pytest.mark.parametrize("case", ["missing", "magic", "truncated", "vocab", "few_val", "world", "flag", "value"])
-def test_user_errors_are_one_line(tmp_path, corpus, case):
-    d, files = corpus
+def test_user_errors_are_one_line(tmp_path, gpt_files, case):
+    files = gpt_files
     bad = tmp_path / "fineweb_train_000001.bin"
     toks = np.concatenate(learnable_docs(50, 0))
     args = {"missing": [f"--train_files={tmp_path}/fineweb_train_*.bin", files[1]],
@@ -314,8 +307,8 @@ def parse_log(path):
     summary = re.search(r"^summary val_loss:([\d.]+) train_time:(\d+)ms tokens_per_s:(\d+) mfu:(\S+)", body, re.M)
     return code, env, vals, steps, summary
 
-def test_tiny_run_learns_and_logs(tmp_path, corpus):
-    d, files = corpus
+def test_tiny_run_learns_and_logs(tmp_path, gpt_files):
+    files = gpt_files
     r = run_cli(files + TINY + ["--num_iterations=40", "--num_extension_iterations=4", "--val_loss_every=20", "--run_id=tiny"], tmp_path)
     assert r.returncode == 0, r.stderr
     code, env, vals, steps, summary = parse_log(tmp_path / "logs/tiny.txt")
@@ -335,8 +328,8 @@ def flatten_state(sd):
     for i, g in enumerate(sd["adam"]): out.update({f"adam{i}.{k}": v for k, v in g.items()})
     return out
 
-def test_resume_and_kernel_warmup_match_uninterrupted_run(tmp_path, corpus):
-    d, files = corpus
+def test_resume_and_kernel_warmup_match_uninterrupted_run(tmp_path, gpt_files):
+    files = gpt_files
     common = files + TINY + ["--num_iterations=7", "--num_extension_iterations=1", "--val_loss_every=3", "--save_checkpoint=1"]
     r = run_cli(common + ["--checkpoint_every=3", "--run_id=full"], tmp_path)
     assert r.returncode == 0, r.stderr
@@ -361,10 +354,10 @@ def run_world_sizes(tmp_path, args):
     n = [a for a in args if a.startswith("--num_iterations=")][0].split("=")[1]
     return [load_ckpt(tmp_path / f"logs/{w}/state_step{int(n):06d}.pt") for w in ("w1", "w2")]
 
-def test_world_size_2_matches_world_size_1(tmp_path, corpus):
+def test_world_size_2_matches_world_size_1(tmp_path, gpt_files):
     # 3 steps: the zero-initialized head blocks every other gradient until Adam first moves it (end of step 1), so the
     # checkpoint after step 2 holds the first reduced matrix gradients (NorMuon momentum) and Adam's pending gradient
-    d, files = corpus
+    files = gpt_files
     a, b = run_world_sizes(tmp_path, files + TINY + ["--num_iterations=3", "--num_extension_iterations=1", "--val_loss_every=0", "--save_checkpoint=1"])
     assert a["loader"] == b["loader"]
     for ga, gb in zip(a["muon"][:2], b["muon"][:2]): assert ga["mom"].norm() > 0 and rel(gb["mom"], ga["mom"]) < 1e-2
@@ -376,8 +369,8 @@ def test_world_size_2_matches_world_size_1(tmp_path, corpus):
     la, lb = parse_log(tmp_path / "logs/w1.txt")[2][-1][1], parse_log(tmp_path / "logs/w2.txt")[2][-1][1]
     assert abs(la - lb) < 2e-3
 
-def test_evaluation_covers_exactly_val_tokens(corpus):
-    d, files = corpus
+def test_evaluation_covers_exactly_val_tokens(gpt_files):
+    files = gpt_files
     h = tg.parse_args(files + TINY[:-2] + ["--compile=0", "--val_tokens=1000", "--val_seq_len=4096", "--val_head_chunk=100"])
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
     val = tg.load_val(h)

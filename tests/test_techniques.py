@@ -1,12 +1,10 @@
 """train_gpt.py technique switches (issue 6): LR schedule family, weight-decay modes, weight EMA, checkpoint averaging,
 weight norms. Each against formulas or a slow reference written here; tiny real runs on CPU."""
-import math, os, re, subprocess, sys
-import numpy as np
+import math, subprocess, sys
 import pytest
 import torch
 
 import train_gpt as tg
-from tests.gptdata import write_corpus
 from tests.test_gpt import ROOT, SCRIPT, parse_log, rel, run_cli
 
 # the train_gpt.py before the switches: "switches absent" = the record's behaviour (update the pin if a record changes it)
@@ -14,12 +12,6 @@ PRE_SWITCHES = "279ce2e"
 # narrower than test_gpt's TINY (the 50304-wide head dominates a CPU step)
 SMALL = ["--num_layers=4", "--model_dim=16", "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128",
          "--val_tokens=1000", "--val_seq_len=1024", "--compile=0", "--kernel_warmup_steps=0"]
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    write_corpus(str(d), train_tokens=300_000, val_tokens=20_000)
-    return [f"--train_files={d}/fineweb_train_*.bin", f"--val_files={d}/fineweb_val_000000.bin"]
 
 # ---------------------------------------------------------------------------------------------- LR schedules
 
@@ -160,8 +152,8 @@ def test_adam_decay_modes_against_reference(wd_mult):
     for a, b in [("cautious", "decoupled"), ("decoupled", "none"), ("l2", "none"), ("cautious", "none")]:
         assert rel(refs[a] - p0.double(), refs[b] - p0.double()) > 0.1, (a, b)
 
-def test_trainer_passes_the_decay_schedule(corpus, monkeypatch):
-    h = tg.parse_args(corpus + SMALL + ["--num_iterations=4", "--num_extension_iterations=1"])
+def test_trainer_passes_the_decay_schedule(gpt_files, monkeypatch):
+    h = tg.parse_args(gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1"])
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
     assert trainer.muon.wd_mode == trainer.adam.wd_mode == "cautious"
     calls = []
@@ -176,8 +168,8 @@ def test_trainer_passes_the_decay_schedule(corpus, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- EMA and averaging
 
-def test_ema_and_average_hand_values(corpus):
-    h = tg.parse_args(corpus + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--ema_decay=0.9",
+def test_ema_and_average_hand_values(gpt_files):
+    h = tg.parse_args(gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--ema_decay=0.9",
                                         "--average_last=2", "--checkpoint_every=2"])
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
     params = list(trainer.model.parameters())
@@ -210,8 +202,8 @@ def test_ema_and_average_hand_values(corpus):
     other.load_state_dict(dict(sd, ema=None))
     assert all(torch.equal(e, torch.full_like(e, -1.0)) for e in other.ema)
 
-def test_evaluating_other_weights_restores_the_live_ones(corpus):
-    h = tg.parse_args(corpus + SMALL)
+def test_evaluating_other_weights_restores_the_live_ones(gpt_files):
+    h = tg.parse_args(gpt_files + SMALL)
     trainer, val = tg.Trainer(h, 0, 1, torch.device("cpu")), tg.load_val(h)
     torch.manual_seed(5)
     with torch.no_grad():
@@ -236,10 +228,10 @@ def flat_state(sd):
 def same_bits(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
-def test_defaults_reproduce_the_record_bit_for_bit(tmp_path, corpus):
+def test_defaults_reproduce_the_record_bit_for_bit(tmp_path, gpt_files):
     """The script with no new switches, and with every new switch at its default value plus EMA and averaging on, trains
     exactly as the script before the switches (weights, optimizer state, data position, val losses: same bits)."""
-    common = corpus + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2", "--save_checkpoint=1"]
+    common = gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2", "--save_checkpoint=1"]
     runs = {"absent": (SCRIPT, []),
             "explicit": (SCRIPT, ["--lr_schedule=wsd", "--warmup_type=log", "--wd_mode=cautious", "--wd_schedule=lr",
                                   "--ema_decay=0.9", "--average_last=2", "--checkpoint_every=2"])}
@@ -266,8 +258,8 @@ def group_of(name):  # the wnorm groups, by hand
     if name.startswith(("embed.", "value_embeds.")): return "embed"
     return "head" if name.startswith("lm_head.") else "scalars"
 
-def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, corpus):
-    args = corpus + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2", "--lr_schedule=cosine",
+def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
+    args = gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2", "--lr_schedule=cosine",
                              "--warmup_steps=2", "--wd_mode=decoupled", "--ema_decay=0.9", "--average_last=3", "--checkpoint_every=1",
                              "--save_checkpoint=1", "--kernel_warmup_steps=2"]
     r = run_cli(args + ["--run_id=tech"], tmp_path)
@@ -309,9 +301,9 @@ def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, corpus):
     for g in groups: assert float(fields[-1][f"wnorm_{g}"]) == pytest.approx(math.sqrt(sq[g]), abs=6e-3), g
 
 @pytest.mark.parametrize("mode", ["l2", "none"])  # cautious and decoupled run in the tests above
-def test_every_decay_mode_runs(tmp_path, corpus, mode, monkeypatch):
+def test_every_decay_mode_runs(tmp_path, gpt_files, mode, monkeypatch):
     monkeypatch.chdir(tmp_path)  # in-process main(): the command line itself is exercised by the runs above
-    tg.main(corpus + SMALL + ["--num_iterations=2", "--num_extension_iterations=1", f"--wd_mode={mode}", "--wd_schedule=constant",
+    tg.main(gpt_files + SMALL + ["--num_iterations=2", "--num_extension_iterations=1", f"--wd_mode={mode}", "--wd_schedule=constant",
                               "--adam_weight_decay=0.01", "--run_id=m"])
     vals = parse_log(tmp_path / "logs/m.txt")[2]
     assert [s for s, _ in vals] == [0, 2] and math.isfinite(vals[-1][1]) and vals[-1][1] < vals[0][1]
