@@ -394,9 +394,8 @@ def decay_rate(u, p, wd, mode):
 
 class NorMuon:
     """Nesterov momentum -> Polar Express (Q, K, V, O separately) -> NorMuon row/column normalization -> cautious WD."""
-    def __init__(self, params, comm: Comm, lr, momentum, beta2, weight_decay, ortho=polar_express, wd_mode="cautious"):
-        self.comm, self.lr, self.momentum, self.beta2, self.weight_decay, self.ortho = comm, lr, momentum, beta2, weight_decay, ortho
-        self.wd_mode = wd_mode
+    def __init__(self, params, comm: Comm, lr, beta2, weight_decay, ortho=polar_express, wd_mode="cautious"):  # momentum: per step
+        self.comm, self.lr, self.beta2, self.weight_decay, self.ortho, self.wd_mode = comm, lr, beta2, weight_decay, ortho, wd_mode
         groups = {}
         for kind, p in params: groups.setdefault((kind, tuple(p.shape), p.dtype), []).append(p)
         self.groups = []
@@ -601,7 +600,7 @@ class Trainer:
             p.lr_mul = mul
         self.adam_params = [m.scalars, m.lm_head.weight, m.embed.weight] + [e.weight for e in m.value_embeds]
         ortho = torch.compile(polar_express, dynamic=False, fullgraph=True) if h.compile else polar_express
-        self.muon = NorMuon(muon, self.comm, h.lr, h.momentum, h.beta2, h.weight_decay, ortho, h.wd_mode)
+        self.muon = NorMuon(muon, self.comm, h.lr, h.beta2, h.weight_decay, ortho, h.wd_mode)
         self.adam = DistAdam(self.adam_params, self.comm, h.adam_lr, (h.adam_beta1, h.adam_beta2), h.adam_eps, h.adam_weight_decay, h.wd_mode)
         self.muon_params = [p for _, p in muon]
         self.ema = [p.detach().float().clone() for p in m.parameters()] if h.ema_decay > 0 else None  # fp32 shadow, on the device

@@ -67,7 +67,7 @@ def test_normuon_cautious_wd_step_against_reference(exact):
         p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float32) * 0.1); p.lr_mul = mul; params.append((kind, p))
     ortho_code = (lambda U: U.float()) if exact else tg.polar_express
     ortho_ref = (lambda m: m) if exact else pe_reference
-    opt = tg.NorMuon(params, tg.Comm(0, 1), lr=0.03, momentum=0.95, beta2=0.95, weight_decay=1.2, ortho=ortho_code)
+    opt = tg.NorMuon(params, tg.Comm(0, 1), lr=0.03, beta2=0.95, weight_decay=1.2, ortho=ortho_code)
     ref, p0 = [], [p.detach().double().clone() for _, p in params]
     for kind, p in params:
         n_mats = 4 if kind == "attn" else 1
@@ -87,7 +87,7 @@ def test_cautious_mask_decays_only_where_update_shrinks():
     # with the update fixed to +1 everywhere (identity orthogonalization of a constant gradient), the decay must
     # hit exactly the positive entries: p -> p - lr*(u + lr*wd*p) where p >= 0, p - lr*u elsewhere
     p = torch.nn.Parameter(torch.tensor([[0.5, -0.5, 2.0, -2.0]]).repeat(4, 1))
-    opt = tg.NorMuon([("gate", p)], tg.Comm(0, 1), lr=0.1, momentum=0.0, beta2=0.0, weight_decay=2.0, ortho=lambda U: U.float())
+    opt = tg.NorMuon([("gate", p)], tg.Comm(0, 1), lr=0.1, beta2=0.0, weight_decay=2.0, ortho=lambda U: U.float())
     p.grad = torch.ones_like(p)
     p0 = p.detach().clone()
     opt.step(1.0, 0.0)

@@ -119,7 +119,7 @@ def test_normuon_decay_modes_against_reference(wd_mult):
         params = []
         for (kind, _, mul), p in zip(specs, p0):
             q = torch.nn.Parameter(p.clone()); q.lr_mul = mul; q.grad = grads[len(params)].clone(); params.append((kind, q))
-        opt = tg.NorMuon(params, tg.Comm(0, 1), lr=base, momentum=0.9, beta2=0.95, weight_decay=wd, ortho=lambda U: U.float(), wd_mode=mode)
+        opt = tg.NorMuon(params, tg.Comm(0, 1), lr=base, beta2=0.95, weight_decay=wd, ortho=lambda U: U.float(), wd_mode=mode)
         opt.step(lr_mult, 0.9, wd_mult)
         refs[mode] = []
         for (kind, q), p, g, (_, _, mul) in zip(params, p0, grads, specs):
