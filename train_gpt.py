@@ -839,7 +839,9 @@ def main(argv):
                     log(f"checkpoint average: logs/{run_id}/average_step{step:06d}.pt (steps {','.join(map(str, steps))})")
             sync(); t0 = time.perf_counter()
         if last: break
+        epoch = loader.epoch
         (short, long), lengths = trainer.train_step(step, loader)
+        if loader.epoch != epoch: log(f"train data: the files ran out at step {step}; pass {loader.epoch + 1} over them starts (--repeat_data=1)")
         pairs = {"short": sum(attention_pairs(l, short * BLOCK) for l in lengths), "long": sum(attention_pairs(l, long * BLOCK) for l in lengths)}
         total_flops += flops_token * h.train_batch_size + 12 * h.model_dim * sum(n_attn[k] * pairs[k] for k in pairs)
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)

@@ -211,7 +211,7 @@ def test_fp8_matmul_forward_and_backward():
 
 # ---------------------------------------------------------------------------------------------- data
 
-def loader_reference(shards, steps, slot_len, max_seq):
+def loader_reference(shards, steps, slot_len, max_seq, partial=False):
     """Per step, the 8 slots' token buffers: pieces from consecutive documents, a step never spans shards."""
     out, used, si, di = [], [], 0, 0
     docs = [np.split(s, np.flatnonzero(s == 50256)[1:]) for s in shards]
@@ -225,6 +225,7 @@ def loader_reference(shards, steps, slot_len, max_seq):
             slots.append(np.concatenate(buf) if buf else buf)
         if any(len(s) < slot_len + 1 for s in slots):  # shard exhausted: its tail is dropped
             si, di = si + 1, 0
+            if partial and si == len(docs): break
             continue
         out.append(slots); di = d; used.append(si)
     return out, used
@@ -246,6 +247,20 @@ def test_loader_bos_aligned_no_token_lost_or_repeated(tmp_path):
                     assert inp[0] == 50256 and inp.dtype == torch.int32 and tgt.dtype == torch.int64
                     assert np.array_equal(inp.numpy(), expect[:-1]) and np.array_equal(tgt.numpy(), expect[1:])
                 assert [int(l.sum()) for l in lengths] == [129] * 8
+
+def test_loader_stops_or_repeats_when_the_files_run_out(tmp_path):
+    write_shard(tmp_path / "t_000001.bin", np.concatenate(learnable_docs(40, 5, 10, 300)))
+    h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), train_batch_size=1024, train_max_seq_len=100)
+    n_steps = len(loader_reference([np.fromfile(tmp_path / "t_000001.bin", dtype="<u2", offset=1024)], 99, 128, 100, partial=True)[0])
+    L = tg.TrainLoader(h, 0, 1, torch.device("cpu"))
+    for _ in range(n_steps): L.next_step()
+    with pytest.raises(tg.UserError, match="--repeat_data"): L.next_step()
+    h.repeat_data = True
+    L, first = tg.TrainLoader(h, 0, 1, torch.device("cpu")), None
+    for i in range(n_steps + 1):
+        batches = L.next_step()[0]
+        first = first if i else batches
+    assert L.epoch == 1 and all(torch.equal(a[0], b[0]) for a, b in zip(batches, first))  # the second pass starts over
 
 def test_bad_shards_rejected(tmp_path):
     good = np.concatenate(learnable_docs(5, 0))
