@@ -398,3 +398,14 @@ def test_evaluation_covers_exactly_val_tokens(gpt_files):
         masks = trainer.model.layer_masks(tg.make_masks(inputs, tg.window_blocks(0, h), flex=False))
         ref = trainer.model(inputs, targets, masks, head_chunk=10 ** 9) / 1000
     assert loss == pytest.approx(float(ref), rel=1e-5)
+
+def test_record_model_size_matches_the_reference():
+    # shared/reference/modded_nanogpt.md §1.0 and §3: about 268.7 M parameters, 154.5 M of them in the four embedding
+    # tables; matmul parameters per token: 10 attention layers x 4*768^2 + 11 MLPs x 2*768*3072 + the 768 x 50304 head
+    h = tg.Hyperparameters()
+    assert tg.matmul_params_per_token(h) == 10 * 4 * 768 ** 2 + 11 * 2 * 768 * 3072 + 768 * 50304
+    with torch.device("meta"):
+        model = tg.GPT(h, 128, torch.bfloat16)
+    total = sum(p.numel() for p in model.parameters())
+    embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
+    assert round(total / 1e6, 1) == 268.7 and round(embed / 1e6, 1) == 154.5
