@@ -584,11 +584,11 @@ PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e1
 class Trainer:
     def __init__(self, h, rank, world, device):
         self.h, self.rank, self.world, self.device = h, rank, world, device
-        self.comm, self.accum = Comm(rank, world), 8 // world
-        self.max_len = max(h.train_batch_size // 8, -(-min(h.val_seq_len, h.val_tokens) // BLOCK) * BLOCK)
+        self.comm = Comm(rank, world)
+        max_len = max(h.train_batch_size // 8, -(-min(h.val_seq_len, h.val_tokens) // BLOCK) * BLOCK)  # rotary table length
         torch.manual_seed(h.seed)
         # CPU: fp32 compute (bf16 matmuls are ~10x slower than fp32 there), otherwise the same code
-        self.model = GPT(h, self.max_len, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+        self.model = GPT(h, max_len, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
         if world > 1:
             for p in self.model.parameters(): dist.broadcast(p.data, 0)
         self.flex = device.type == "cuda"
@@ -612,7 +612,7 @@ class Trainer:
         return short, long
 
     def train_step(self, step, loader):
-        """One optimizer step. Returns the step's piece lengths (for FLOP counting)."""
+        """One optimizer step. Returns its (short, long) windows and piece lengths (for FLOP counting)."""
         self.model.train()
         windows = self.set_windows(step)
         batches, lengths = loader.next_step()
