@@ -382,8 +382,7 @@ def train(tmp_path, *args):
 
 
 def test_end_to_end_94(tmp_path):
-    # The record's logit scale 1/256 suits its 256-wide head; this 16-wide one needs 1/16 to learn in 30 steps.
-    log = train(tmp_path, "--runs=2", "--epochs=3", "--logit_scale=0.0625")
+    log = train(tmp_path, "--runs=2", "--epochs=3")  # the logit scale follows the 16-wide head: 1/16, not 1/256
     with open(os.path.join(ROOT, "train_cifar.py")) as f:
         source = f.read()
     assert log.startswith(source.rstrip("\n") + "\n" + "=" * 100 + "\n")
@@ -407,3 +406,85 @@ def test_end_to_end_96(tmp_path):
     acc = float(re.search(r"^run:1 acc:(\S+) ", log, re.M).group(1))
     assert acc > 0.4, acc  # half of each small batch, 100 steps: slower than the 94 recipe here, still 4x chance
     assert re.search(r"\nsummary runs:1 acc_mean:\S+ acc_std:nan time_mean:\S+s time_std:nans\n$", log)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main() in-process on the stand-in, with the pieces it calls watched
+
+def run_main(tmp_path, monkeypatch, *args):
+    """One run of main() on a fresh stand-in in tmp_path/D; returns (net, its whitening bias) after each net reset."""
+    make_standin(tmp_path / "D")
+    monkeypatch.chdir(tmp_path)
+    resets, reset = [], tc.CifarNet.reset
+
+    def recording_reset(net):
+        reset(net)
+        resets.append((net, net.whiten.bias.detach().clone()))
+    monkeypatch.setattr(tc.CifarNet, "reset", recording_reset)
+    tc.main(["--data_dir=D", *TINY, "--runs=1", *args])
+    return resets
+
+
+def test_whitening_bias_starts_at_zero_in_96_only(tmp_path, monkeypatch):
+    # airbench96_faster's Conv.reset_parameters zeroes the whitening bias of the main net and of the proxy, whose bias
+    # is frozen and so stays 0; airbench94_muon keeps nn.Conv2d's default, U(+-1/sqrt(fan_in)) with fan_in 3 * 2 * 2.
+    resets = run_main(tmp_path / "96", monkeypatch, "--variant=96", "--epochs=0.1")
+    assert sorted(net.head.in_features for net, _ in resets) == [8, 16]  # TINY: the proxy ends at 8, the main net 16
+    for net, bias in resets:
+        assert (bias == 0).all(), (net.head.in_features, bias)
+    proxy = next(net for net, _ in resets if net.head.in_features == 8)
+    assert (proxy.whiten.bias == 0).all()
+    (_, bias), = run_main(tmp_path / "94", monkeypatch, "--epochs=0.1")
+    assert (bias != 0).all() and bias.abs().max() <= 1 / 12 ** 0.5
+
+
+@pytest.mark.parametrize("args,scale_by_last_width", [
+    ([], {16: 1 / 16}),  # airbench94_muon: head(x) / x.size(-1), x the pooled features: 1 / the last width
+    (["--widths=64,256,256", "--select=0.5"], {256: 1 / 256, 8: 1 / 8}),  # its published width and value; a proxy
+    (["--variant=96"], {16: 1 / 9, 8: 1 / 9})])  # airbench96_faster: Mul(1/9) after the head, main net and proxy
+def test_logit_scale_follows_the_last_width(tmp_path, monkeypatch, args, scale_by_last_width):
+    resets = run_main(tmp_path, monkeypatch, "--epochs=0.1", *args)
+    assert sorted(net.head.in_features for net, _ in resets) == sorted(scale_by_last_width)
+    for net, _ in resets:
+        head_outputs = []
+        hook = net.head.register_forward_hook(lambda module, inputs, output: head_outputs.append(output))
+        logits = net(torch.randn(4, 3, 32, 32))
+        hook.remove()
+        torch.testing.assert_close(logits, head_outputs[0] * scale_by_last_width[net.head.in_features])
+
+
+def test_what_a_96_run_times(tmp_path, monkeypatch):
+    """What the README says a run times: the whitening init, every batch drawn (so the run-start normalize, flip and
+    pad of the training set and every epoch's crop and cutout), the proxy, and the final TTA; not the data load (one,
+    for proxy and main net alike), the nets' reset or the per-epoch evaluation."""
+    clock, calls = {"running": False}, {}
+
+    class WatchedTimer(tc.Timer):
+        def start(self):
+            assert not clock["running"]
+            clock["running"] = True
+            super().start()
+
+        def stop(self):
+            super().stop()
+            clock["running"] = False
+    monkeypatch.setattr(tc, "Timer", WatchedTimer)
+
+    def watch(name, key=lambda *args: None):
+        function = getattr(tc, name)
+
+        def watched(*args, **kwargs):
+            calls.setdefault((name, key(*args)), []).append(clock["running"])
+            return function(*args, **kwargs)
+        monkeypatch.setattr(tc, name, watched)
+    for name in ["load_cifar10", "random_crop", "random_cutout", "whitening_filters", "select_hardest"]:
+        watch(name)
+    watch("normalize", key=len)  # the stand-in's 1000 training images, the first --whiten_images or the 200 test ones
+    watch("evaluate", key=lambda model, images, labels, tta_level: tta_level)
+    resets = run_main(tmp_path, monkeypatch, "--variant=96", "--epochs=2", "--whiten_images=500")
+    assert len(resets) == 2 and calls.pop(("load_cifar10", None)) == [False]
+    # 20 steps of 100 examples: 2 epochs of the 1000 images, each cropped and cut out once, all inside the clock
+    expected = {("random_crop", None): [True] * 2, ("random_cutout", None): [True] * 2, ("normalize", 1000): [True],
+                ("normalize", 500): [True], ("whitening_filters", None): [True], ("select_hardest", None): [True] * 20,
+                ("evaluate", 0): [False] * 2, ("normalize", 200): [False] * 2 + [True], ("evaluate", 2): [True]}
+    assert calls == expected
