@@ -137,7 +137,8 @@ def test_cifar_statistics_equal_scipy(logs, tmp_path, capsys, offset):
     runs = cifar_runs(logs["cifar"])
     accs, times = [r[0] for r in runs], [r[1] for r in runs]
     assert len(runs) == 3 and np.std(accs) > 0, runs
-    target = 0.94 if offset is None else float(np.mean(accs) + offset * np.std(accs, ddof=1))
+    # far below the mean, but still an accuracy (three tiny runs can spread by more than a tenth of their mean)
+    target = 0.94 if offset is None else max(0.01, float(np.mean(accs) + offset * np.std(accs, ddof=1)))
     p = stats.ttest_1samp(accs, target, alternative="greater").pvalue
     code, out, err = run_verify(capsys, folder(tmp_path, "cifar", [logs["cifar"]]),
                                 *([] if offset is None else [f"--target={target!r}"]))
