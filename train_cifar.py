@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+import zlib
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -138,11 +139,14 @@ def extract(tarball, data_dir):
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 with tar.extractfile(m) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-        if not os.path.isdir(os.path.join(tmp, FOLDER)):
-            fail(f"{tarball} holds no {FOLDER}/ folder: not the CIFAR-10 python tarball")
+        missing = [name for names in SPLITS.values() for name in names
+                   if not os.path.isfile(os.path.join(tmp, FOLDER, name))]
+        if missing:
+            fail(f"{tarball} holds no {FOLDER}/{missing[0]}: cut short, damaged or not the CIFAR-10 python tarball; "
+                 "delete it to download it again")
         os.replace(os.path.join(tmp, FOLDER), os.path.join(data_dir, FOLDER))
-    except (tarfile.TarError, OSError) as e:
-        fail(f"{tarball}: cannot extract it ({e})")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        fail(f"{tarball}: cannot extract it ({type(e).__name__}: {e}): delete it to download it again")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -185,15 +189,31 @@ def prepare_cifar10(data_dir, url=CIFAR_URL, md5=CIFAR_MD5):
     return cache
 
 
+def cache_problem(images, labels):
+    """What is wrong with a cache file's arrays (images uint8 N x 32 x 32 x 3, N int64 labels in 0..9), or None."""
+    if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3):
+        return f"images are {images.dtype} of shape {images.shape}, not uint8 N x 32 x 32 x 3"
+    if labels.dtype != np.int64 or labels.ndim != 1:
+        return f"labels are {labels.dtype} of shape {labels.shape}, not int64 of shape (N,)"
+    if len(images) != len(labels) or len(images) == 0:
+        return f"{len(images)} images and {len(labels)} labels"
+    if labels.min() < 0 or labels.max() > 9:
+        return f"labels from {labels.min()} to {labels.max()}, not in 0..9"
+    return None
+
+
 def load_cifar10(data_dir):
     """(train_images, train_labels, test_images, test_labels) as numpy arrays, preparing the cache if needed."""
     out = []
     for path in prepare_cifar10(data_dir).values():
         try:
             with np.load(path) as f:
-                out += [f["images"], f["labels"]]
+                images, labels = f["images"], f["labels"]
         except Exception as e:
             fail(f"{path}: unreadable ({type(e).__name__}: {e}); delete it to rebuild it")
+        if problem := cache_problem(images, labels):
+            fail(f"{path}: not a CIFAR-10 cache ({problem}); delete it to rebuild it")
+        out += [images, labels]
     return out
 
 
@@ -458,12 +478,13 @@ def select_hardest(proxy, optimizers, x, y, step, cfg):
     return idx
 
 
-def train_run(cfg, model, proxy, data, seed, log, orthogonalize=newton_schulz, random_labels=False):
-    """One run from a fresh init; returns (TTA test accuracy, seconds). The clock covers the whitening init, the
-    training steps with their data work and the proxy, and the final TTA evaluation; not the per-epoch evaluation."""
-    torch.manual_seed(seed)
+def train_run(cfg, model, proxy, data, run, log, orthogonalize=newton_schulz):
+    """Run `run` (0: the warmup, on random labels) from a fresh init; returns (TTA test accuracy, seconds). The clock
+    covers the whitening init, the training steps with their data work and the proxy, and the final TTA evaluation;
+    not the per-epoch evaluation, where a non-finite training loss stops the script."""
+    torch.manual_seed(1000 * cfg.seed + run)
     train_x, train_y, test_x, test_y = data
-    train_y = torch.randint_like(train_y, 10) if random_labels else train_y
+    train_y = torch.randint_like(train_y, 10) if run == 0 else train_y
     steps_per_epoch = max(1, len(train_x) // cfg.batch_size)
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     whiten_bias_steps = math.ceil(cfg.whiten_bias_epochs * steps_per_epoch)
@@ -503,12 +524,18 @@ def train_run(cfg, model, proxy, data, seed, log, orthogonalize=newton_schulz, r
             lookahead.update(1.0)
         if done % steps_per_epoch == 0 or done == total_steps:
             timer.stop()
+            train_loss = loss.item() / len(y)
             train_acc = (outputs.argmax(1) == y).float().mean().item()
             val_acc = evaluate(model, test_x, test_y, 0)
             model.train()
-            log(f"epoch:{math.ceil(done / steps_per_epoch)}/{math.ceil(total_steps / steps_per_epoch)} "
-                f"train_loss:{loss.item() / len(y):.4f} train_acc:{train_acc:.4f} val_acc:{val_acc:.4f} "
+            epoch = f"{math.ceil(done / steps_per_epoch)}/{math.ceil(total_steps / steps_per_epoch)}"
+            log(f"epoch:{epoch} train_loss:{train_loss:.4f} train_acc:{train_acc:.4f} val_acc:{val_acc:.4f} "
                 f"train_time:{timer.total:.3f}s")
+            if not math.isfinite(train_loss):  # checked where the loss is read anyway: no host sync added per step
+                message = (f"{'the warmup run' if run == 0 else f'run {run}'} diverged: training loss {train_loss} "
+                           f"at epoch {epoch}; lower the learning rates (94: --muon_lr --bias_lr --head_lr, 96: --lr)")
+                log(message, console=False)
+                fail(message)
     timer.start()
     acc = evaluate(model, test_x, test_y, cfg.tta_level)
     timer.stop()
@@ -561,21 +588,34 @@ def parse_args(argv):
     return cfg
 
 
+RANGES = [  # (fields, rule, what the rule says): every hyperparameter but data_dir, checked before any work
+    (("variant",), lambda v: v in (94, 96), "94 or 96"),
+    (("compile", "head_unit_std", "zero_whiten_bias"), lambda v: v in (0, 1), "0 or 1"),
+    (("depth", "proxy_depth"), lambda v: v in (2, 3), "2 or 3"),
+    (("tta_level",), lambda v: v in (0, 1, 2), "0, 1 or 2"),
+    (("seed",), lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    (("runs", "batch_size", "whiten_images", "proxy_every", "epochs", "whiten_bias_epochs", "whiten_eps", "muon_lr",
+      "bias_lr", "head_lr", "lr", "bias_scaler"), lambda v: v > 0, "> 0"),
+    (("ns_steps", "lookahead_every", "wd_per_example", "weight_decay", "logit_scale"), lambda v: v >= 0, ">= 0"),
+    (("translate",), lambda v: 0 <= v <= 31, "in [0, 31] (the reflect padding of 32-pixel images)"),
+    (("cutout",), lambda v: 0 <= v <= 32, "in [0, 32]"),
+    (("bn_momentum", "label_smoothing", "lookahead_decay"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("momentum",), lambda v: 0 < v < 1, "in (0, 1) (Nesterov SGD needs a momentum)"),
+    (("muon_momentum", "warmup"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("select",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("widths", "proxy_widths"), lambda v: len(v) == 3 and min(v) >= 1, "3 channel counts >= 1, e.g. 64,256,256")]
+
+
 def check(cfg):
-    for ok, message in [
-            (cfg.variant in (94, 96), "--variant must be 94 or 96"),
-            (cfg.compile in (0, 1) and cfg.zero_whiten_bias in (0, 1),
-             "--compile and --zero_whiten_bias must be 0 or 1"),
-            (min(cfg.runs, cfg.batch_size, cfg.epochs, cfg.whiten_images, cfg.whiten_bias_epochs) > 0,
-             "--runs, --batch_size, --epochs, --whiten_images and --whiten_bias_epochs must be positive"),
-            (len(cfg.widths) == len(cfg.proxy_widths) == 3, "--widths and --proxy_widths take 3 numbers"),
-            (cfg.depth in (2, 3) and cfg.proxy_depth in (2, 3), "--depth and --proxy_depth must be 2 or 3"),
-            (cfg.tta_level in (0, 1, 2), "--tta_level must be 0, 1 or 2"),
-            (0 <= cfg.translate <= 31 and 0 <= cfg.cutout <= 32, "--translate or --cutout out of range"),
-            (cfg.select <= 1 and int(cfg.select * cfg.batch_size) >= 1, "--select must keep 1 to batch_size examples"),
-            (cfg.proxy_every > 0 and cfg.lookahead_every >= 0, "want --proxy_every > 0 and --lookahead_every >= 0")]:
-        if not ok:
-            fail(message)
+    for names, rule, what in RANGES:
+        for name in names:
+            value = getattr(cfg, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f"--{name}={fmt(value)} must be a finite number")
+            if not rule(value):
+                fail(f"--{name}={fmt(value)} must be {what}")
+    if int(cfg.select * cfg.batch_size) < 1:
+        fail(f"--select={cfg.select} keeps no example of a batch of --batch_size={cfg.batch_size}")
 
 
 def environment(device):
@@ -638,11 +678,11 @@ def main(argv=None):
     proxy = make_net(cfg.proxy_widths, cfg.proxy_depth) if cfg.select < 1 else None
     orthogonalize = torch.compile(newton_schulz) if cfg.compile else newton_schulz
     if cfg.compile or device.type == "cuda":  # compile and autotune outside the clock
-        acc, seconds = train_run(cfg, model, proxy, data, 1000 * cfg.seed, log, orthogonalize, random_labels=True)
+        acc, seconds = train_run(cfg, model, proxy, data, 0, log, orthogonalize)
         log(f"warmup acc:{acc:.4f} time:{seconds:.3f}s")
     accs, times = [], []
     for run in range(1, cfg.runs + 1):
-        acc, seconds = train_run(cfg, model, proxy, data, 1000 * cfg.seed + run, log, orthogonalize)
+        acc, seconds = train_run(cfg, model, proxy, data, run, log, orthogonalize)
         log(f"run:{run} acc:{acc:.4f} time:{seconds:.3f}s")
         accs.append(acc)
         times.append(seconds)

@@ -247,6 +247,95 @@ def test_command_line(capsys):
         assert re.search(rf"--{name}\s+\S", text), name
 
 
+# Out-of-range values, each chosen for what it breaks (torch's own rules, a division by zero, a reflect pad wider than
+# the image) or for being meaningless (a negative count, a fraction above 1); every field but data_dir has one.
+OUT_OF_RANGE = {
+    "variant": ["95"], "runs": ["0"], "seed": [str(2 ** 64)], "compile": ["2"], "epochs": ["0", "nan", "inf"],
+    "batch_size": ["0"], "translate": ["-1", "32"], "cutout": ["-1", "33"], "tta_level": ["3"], "depth": ["4"],
+    "widths": ["0,0,0", "8,16", "8,16,-1"], "bn_momentum": ["-0.1", "1.5"], "logit_scale": ["-1", "nan"],
+    "head_unit_std": ["2"], "whiten_images": ["0"], "whiten_eps": ["0"], "whiten_bias_epochs": ["0"],
+    "zero_whiten_bias": ["2"], "label_smoothing": ["2", "-0.1"], "momentum": ["0", "1"], "warmup": ["-0.1", "1"],
+    "muon_lr": ["-1", "nan"], "muon_momentum": ["1"], "ns_steps": ["-1"], "bias_lr": ["0"], "head_lr": ["-1"],
+    "wd_per_example": ["-1e-6"], "lr": ["0"], "weight_decay": ["-1"], "bias_scaler": ["0"], "lookahead_every": ["-1"],
+    "lookahead_decay": ["1.5"], "select": ["0", "1.5"], "proxy_widths": ["0,8,8"], "proxy_depth": ["1"],
+    "proxy_every": ["0"]}
+IN_RANGE = ["--label_smoothing=0", "--label_smoothing=1", "--warmup=0", "--bn_momentum=1", "--lookahead_decay=0",
+            "--logit_scale=0", "--ns_steps=0", "--translate=31", "--cutout=32", "--select=1", "--lookahead_every=0",
+            "--wd_per_example=0", "--weight_decay=0", "--seed=0", "--momentum=0.99"]
+
+
+def test_every_hyperparameter_is_range_checked():
+    assert sorted([*OUT_OF_RANGE, "data_dir"]) == sorted(tc.Hyperparameters.__dataclass_fields__)
+    for name, values in OUT_OF_RANGE.items():
+        for value in values:
+            with pytest.raises(SystemExit) as e:
+                tc.parse_args([f"--{name}={value}"])
+            assert f"--{name}" in str(e.value) and "\n" not in str(e.value), (name, value, e.value)
+    for arg in IN_RANGE:
+        tc.parse_args([arg])
+        tc.parse_args(["--variant=96", arg])
+
+
+def cache(folder, edit=None):
+    """The stand-in's arrays written straight into the cache train_cifar.py loads: folder/{train,test}.npz.
+    edit(split, images, labels) -> (images, labels) spoils one of them."""
+    train_x, train_y, test_x, test_y = make_standin(folder / "src")
+    for split, images, labels in [("train", train_x, train_y), ("test", test_x, test_y)]:
+        images, labels = edit(split, images, labels) if edit else (images, labels)
+        np.savez(folder / f"{split}.npz", images=images, labels=labels)
+
+
+def one_error_line(result):
+    assert result.returncode != 0, result.stdout[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def run_script(cwd, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_cifar.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("args", [["--widths=0,0,0"], ["--label_smoothing=2"], ["--variant=96", "--momentum=1"]])
+def test_out_of_range_flag_stops_before_any_work(tmp_path, args):
+    cache(tmp_path / "D")
+    line = one_error_line(run_script(tmp_path, "--data_dir=D", *TINY, *args, "--runs=1", "--epochs=1"))
+    assert args[-1].split("=")[0] in line
+    assert not os.path.exists(tmp_path / "logs")
+
+
+SPOILED = {  # what is wrong with the cache -> (split, edit)
+    "a label outside 0-9": ("test", lambda x, y: (x, np.where(np.arange(len(y)) == 7, 10, y))),
+    "a negative label": ("train", lambda x, y: (x, np.where(np.arange(len(y)) == 0, -1, y))),
+    "28 x 28 images": ("train", lambda x, y: (x[:, 2:30, 2:30], y)),
+    "channels first": ("test", lambda x, y: (x.transpose(0, 3, 1, 2), y)),
+    "float images": ("train", lambda x, y: (x / 255.0, y)),
+    "one label fewer than images": ("train", lambda x, y: (x, y[:-1])),
+    "labels as a column": ("test", lambda x, y: (x, y[:, None]))}
+
+
+@pytest.mark.parametrize("spoiled", SPOILED)
+def test_spoiled_cache_is_named_before_any_work(tmp_path, spoiled):
+    bad_split, edit = SPOILED[spoiled]
+    cache(tmp_path / "D", lambda split, x, y: edit(x, y) if split == bad_split else (x, y))
+    line = one_error_line(run_script(tmp_path, "--data_dir=D", *TINY, "--runs=1", "--epochs=1"))
+    assert os.path.join("D", f"{bad_split}.npz") in line, line
+    assert not os.path.exists(tmp_path / "logs")
+
+
+def test_diverging_run_stops_at_the_epoch_evaluation(tmp_path):
+    cache(tmp_path / "D")
+    result = run_script(tmp_path, "--data_dir=D", *TINY, "--runs=2", "--epochs=2", "--bias_lr=1e38", "--head_lr=1e38")
+    line = one_error_line(result)
+    assert "loss" in line and "--head_lr" in line, line
+    assert re.findall(r"^epoch:\S+", result.stdout, re.M) == ["epoch:1/2"]  # stopped at the first evaluation
+    assert "run:1" not in result.stdout and "summary" not in result.stdout
+    log, = os.listdir(tmp_path / "logs")
+    with open(tmp_path / "logs" / log) as f:
+        assert f.read().rstrip("\n").endswith(line.removeprefix("error: "))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Downloader (data/cifar10.py) against a loopback HTTP server
 
@@ -359,6 +448,25 @@ def test_missing_batch_file_is_named(tmp_path):
         downloader().main([f"--data_dir={tmp_path}"])
     assert "data_batch_3" in str(e.value)
     assert not list(tmp_path.glob("*.npz*"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_damaged_tarball_whose_md5_was_given_is_one_line(tmp_path, damage):
+    make_standin(tmp_path / "src", per_batch=200, n_test=200)
+    d = tmp_path / "d"
+    d.mkdir()
+    tarball = d / "cifar-10-python.tar.gz"
+    make_tarball(tarball, tmp_path / "src")
+    data = bytearray(tarball.read_bytes())
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    else:  # zeroes in the middle of the deflate stream
+        data[len(data) // 2:len(data) // 2 + 100] = bytes(100)
+    tarball.write_bytes(data)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "data", "cifar10.py"), f"--data_dir={d}",
+                             f"--md5={hashlib.md5(data).hexdigest()}"], capture_output=True, text=True)
+    assert str(tarball) in one_error_line(result)
+    assert os.listdir(d) == ["cifar-10-python.tar.gz"]  # no partial folder or cache left behind
 
 
 # ---------------------------------------------------------------------------------------------------------------------
