@@ -86,7 +86,10 @@ def tokenize(inputs, out_dir, enc, prefix="text", shard_size=10**8, val_tokens=1
     if "<|endoftext|>" not in enc.special_tokens_set:
         raise TokenizeError(f"encoding {enc.name} has no <|endoftext|> token to start documents with")
     docs = documents(find_files(inputs), txt_docs)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise TokenizeError(f"--out {out_dir}: not a folder, and none can be made there ({e.strerror})") from None
     if glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}_*.bin")):
         raise TokenizeError(f"{out_dir} already holds {prefix}_*.bin shards; remove them or choose another --out or --prefix")
 

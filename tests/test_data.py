@@ -294,3 +294,14 @@ def test_cli_bad_input_is_one_line(corpus, plugin_dir, tmp_path):
                            env=env, capture_output=True, text=True, timeout=60)
         assert named in one_error_line(r), r.stderr
     assert bins(tmp_path / "out") == [] and os.listdir(tmp_path / "old") == ["text_train_000007.bin"]
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/sub"])  # --out names a file, or a folder inside one
+def test_out_that_is_not_a_folder_is_one_line(corpus, plugin_dir, tmp_path, out):
+    folder, _ = corpus
+    (tmp_path / "a_file").write_text("keep me")
+    r = subprocess.run([sys.executable, TOKENIZER, str(folder), "--out", str(tmp_path / out), "--encoding", "tiny_test",
+                        "--workers", "1", "--val_tokens", "100"], env=dict(os.environ, PYTHONPATH=str(plugin_dir)),
+                       capture_output=True, text=True, timeout=60)
+    line = one_error_line(r)
+    assert "--out" in line and str(tmp_path / out) in line, line
+    assert (tmp_path / "a_file").read_text() == "keep me"
