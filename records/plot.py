@@ -4,6 +4,7 @@
     python records/plot.py records/gpt/2026-01-01_New records/gpt/2025-12-01_Previous --out compare.png
 
 Each argument (a log, or a folder of logs) gets one colour and one legend entry; the track's target is dashed.
+Without --out the plot is plot.png beside the logs of the first argument (in that folder, or in that log's folder).
 Needs matplotlib (not needed to train).
 """
 import argparse
@@ -16,9 +17,12 @@ from verify import TRACKS, BadInput, parse_log, read_folder
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", metavar="LOG_OR_FOLDER")
-    ap.add_argument("--out", default="plot.png", help="PNG to write (default: plot.png)")
+    ap.add_argument("--out", help="PNG to write (default: plot.png beside the first argument's logs: in it if it is a "
+                    "folder, else in the folder of that log)")
     ap.add_argument("--ylim", type=float, nargs=2, metavar=("LOW", "HIGH"), help="y range (default: fit the data)")
     args = ap.parse_args(argv)
+    first = args.paths[0]
+    out = args.out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first), "plot.png")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -58,11 +62,11 @@ def main(argv=None):
     axes[0].legend()
     fig.tight_layout()
     try:
-        fig.savefig(args.out, dpi=120)
+        fig.savefig(out, dpi=120)
     except OSError as e:
-        print(f"plot.py: error: --out={args.out}: cannot write it ({e.strerror})", file=sys.stderr)
+        print(f"plot.py: error: {out}: cannot write it ({e.strerror}); --out names another file", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

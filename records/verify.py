@@ -43,6 +43,18 @@ def number(text):  # '12ms' -> 12.0, '1.5s' -> 1.5, '41.2%' -> 41.2
     return float(re.sub(r"(ms|s|%)$", "", text))
 
 
+def non_finite(line):
+    """The first 'key:value' of a line whose value is a number that is nan or inf, else None."""
+    for key, text in fields(line).items():
+        try:
+            value = number(text)
+        except ValueError:
+            continue
+        if not math.isfinite(value):
+            return f"{key}:{text}"
+    return None
+
+
 @dataclass
 class Log:
     path: str
@@ -87,6 +99,11 @@ def parse_log(path):
             "cifar" if any(line.startswith(("epoch:", "run:", "summary runs:")) for line in body) else None)
     if kind is None:
         raise BadInput(f"{path}: no step or run lines after the environment block: cut short before training")
+    for line in body:  # a CIFAR summary of one run has acc_std:nan: the run lines tell
+        bad = non_finite(line) if line.startswith(("step:", "summary val_loss:", "epoch:", "run:")) else None
+        if bad:
+            raise BadInput(f"{path}: broken: {bad} in {line[:60]!r}: a run that diverged (or an edited log) is no "
+                           "record run; remove the log")
     log = Log(path, kind, "\n".join(lines[:seps[0]]), "\n".join(body), config, hardware)
     (read_gpt if kind == "gpt" else read_cifar)(log, body)
     return log

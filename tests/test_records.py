@@ -193,6 +193,29 @@ def test_cut_short_cifar_log_and_unreadable_file_named(logs, tmp_path, capsys):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "notes.txt" in r.stderr, r.stderr
 
 
+BROKEN = {  # what a diverged run (or an edited log) reads like -> (kind, edit of the log's body)
+    "gpt val_loss nan": ("gpt", lambda t: re.sub(r"^((step:\S+|summary) val_loss:)\S+", r"\1nan", t, flags=re.M)),
+    "gpt summary val_loss inf": ("gpt", lambda t: re.sub(r"^(summary val_loss:)\S+", r"\1inf", t, flags=re.M)),
+    "gpt train_time nan": ("gpt", lambda t: re.sub(r"^(step:2/\S+ .*train_time:)\d+ms", r"\1nanms", t, flags=re.M)),
+    "cifar acc nan": ("cifar", lambda t: re.sub(r"^(run:2 acc:)\S+", r"\1nan", t, flags=re.M)),
+    "cifar epoch train_loss nan": ("cifar", lambda t: re.sub(r"^(epoch:1/\S+ train_loss:)\S+", r"\1nan", t, flags=re.M))}
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+def test_non_finite_metric_names_the_log_broken(logs, tmp_path, broken):
+    kind, edit = BROKEN[broken]
+    paths = logs["gpt"] if kind == "gpt" else [logs["cifar"]]
+    name = os.path.basename(paths[-1])
+    d = folder(tmp_path, "diverged", paths)
+    with open(os.path.join(d, name), "w") as f:
+        f.write(edit(read(paths[-1])))
+    assert read(os.path.join(d, name)) != read(paths[-1])
+    r = subprocess.run([sys.executable, os.path.join(RECORDS, "verify.py"), d], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and "broken" in lines[0], r.stderr
+
+
 def test_bad_arguments_named(logs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for args, name in [([tmp_path / "missing"], "missing"), ([tmp_path / "empty"], "empty"),
@@ -264,3 +287,18 @@ def test_plot_writes_png(logs, tmp_path):
     r = subprocess.run([sys.executable, plot, logs["gpt"][0], logs["cifar"], "--out", tmp_path / "x.png"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "mix" in r.stderr and not os.path.exists(tmp_path / "x.png")
+
+
+def test_plot_goes_beside_the_logs_by_default(logs, tmp_path):
+    pytest.importorskip("matplotlib")
+    record = folder(tmp_path, "record", [logs["cifar"]])
+    single = folder(tmp_path, "single", logs["gpt"][:1])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for args, beside in [([record], record), ([os.path.join(single, "seed1.txt"), logs["gpt"][1]], single)]:
+        r = subprocess.run([sys.executable, os.path.join(RECORDS, "plot.py"), *args], cwd=elsewhere,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        with open(os.path.join(beside, "plot.png"), "rb") as f:
+            assert f.read().startswith(b"\x89PNG\r\n\x1a\n")
+        assert os.listdir(elsewhere) == []
