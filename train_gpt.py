@@ -1,8 +1,9 @@
 # GPT-2-small-class speedrun trainer: FineWeb val loss <= 3.28 on 8xH100.
 # Recipe: modded-nanogpt record #43 "Cautious Weight Decay w/ schedule" (2245 steps of 262,144 tokens).
 # Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py [--name=value ...]   (1, 2, 4 or 8 GPUs: same math)
-import copy, dataclasses, glob, math, os, subprocess, sys, threading, time, uuid
+import copy, dataclasses, glob, inspect, math, os, re, subprocess, sys, threading, time, uuid, warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -14,7 +15,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 @dataclass
 class Hyperparameters:
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob pattern, read in sorted order
-    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob pattern; the first val_tokens + 1 tokens are used
     val_tokens: int = 10485760          # validation covers exactly this many target tokens
     val_seq_len: int = 262144           # tokens per validation forward (per rank), as the record
     val_head_chunk: int = 8192          # tokens per lm_head+loss chunk at evaluation (bounds logits memory)
@@ -26,50 +27,58 @@ class Hyperparameters:
     cooldown_frac: float = 0.5          # fraction of the scheduled steps spent in the linear LR cooldown
     min_lr_frac: float = 0.1            # LR multiplier at the end of the cooldown
     warmup_steps: int = 0               # LR warmup steps
-    lr_schedule: str = "wsd"            # wsd (the record) | cosine | noam | warmup | warmup_decay | constant: see lr_schedule()
-    warmup_type: str = "log"            # warmup of the warmup and warmup_decay schedules: log or linear (DeepSpeed WarmupLR)
-    val_loss_every: int = 250           # 0 = only at the end
-    vocab_size: int = 50304
+    lr_schedule: str = "wsd"            # wsd (the record) | cosine | noam | warmup | warmup_decay | constant
+    warmup_type: str = "log"            # warmup of the warmup and warmup_decay schedules: log or linear (DeepSpeed)
+    val_loss_every: int = 250           # steps between validations; 0 = only at the end
+    vocab_size: int = 50304             # embedding and head rows (GPT-2's 50257 padded to a multiple of 128)
     model_dim: int = 768
     num_layers: int = 12
     num_heads: int = 6
-    ws_schedule: tuple = (3, 7, 11)     # long attention window (128-token blocks) in equal thirds of the scheduled steps
+    ws_schedule: tuple = (3, 7, 11)     # long attention window (128-token blocks) in equal parts of the scheduled steps
     ws_extension: int = 13              # long window in the extension steps
     ws_validate: int = 20               # long window at the final validation (no YaRN update)
-    lr: float = 0.03                    # NorMuon
-    momentum: float = 0.95
-    momentum_min: float = 0.85
-    momentum_warmup_steps: int = 300
-    momentum_cooldown_steps: int = 50
-    beta2: float = 0.95
+    lr: float = 0.03                    # NorMuon learning rate (attention, MLP and gate matrices)
+    momentum: float = 0.95              # NorMuon momentum after the warmup and before the cooldown
+    momentum_min: float = 0.85          # NorMuon momentum at step 0 and at the last step
+    momentum_warmup_steps: int = 300    # linear momentum_min -> momentum over these first steps
+    momentum_cooldown_steps: int = 50   # linear momentum -> momentum_min over these last steps
+    beta2: float = 0.95                 # NorMuon second-moment decay
     weight_decay: float = 1.2           # cautious, on the LR schedule: lambda_t = lr_t * weight_decay
-    wd_mode: str = "cautious"           # NorMuon and Adam: cautious (the record) | decoupled | l2 (lambda_t * p joins the gradient) | none
+    wd_mode: str = "cautious"           # NorMuon and Adam: cautious (the record) | decoupled | l2 | none
     wd_schedule: str = "lr"             # lr: lambda_t = wd * lr_t (the record) | constant: lambda = wd * peak lr
-    adam_lr: float = 0.008
+    adam_lr: float = 0.008              # Adam (embeddings, head, scalars), times each parameter's lr_mul
     adam_beta1: float = 0.65
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     adam_weight_decay: float = 0.0
     kernel_warmup_steps: int = 30       # untimed steps that compile and warm kernels; state is restored after
-    compile: bool = True
-    seed: int = 0
-    run_id: str = ""                    # default: a fresh uuid4
-    save_checkpoint: bool = False
-    checkpoint_every: int = 0
-    resume: str = ""
+    compile: bool = True                # torch.compile the model and Polar Express
+    seed: int = 0                       # initial weights
+    run_id: str = ""                    # the log is logs/<run_id>.txt (a plain file name); default: a fresh uuid4
+    save_checkpoint: bool = False       # save logs/<run_id>/state_step*.pt at the end (and every checkpoint_every)
+    checkpoint_every: int = 0           # steps between checkpoints and --average_last snapshots; 0 = none
+    resume: str = ""                    # a state_step*.pt to continue from, saved with the same hyperparameters
     ema_decay: float = 0.0              # weight EMA, evaluated at every validation (ema_val_loss); 0 = off
     ema_warmup: bool = True             # EMA decay min(ema_decay, (1+t)/(10+t)) (TensorFlow/OpenNMT), else ema_decay
-    average_last: int = 0               # average the last K weight snapshots taken every --checkpoint_every steps (avg_val_loss at the end)
+    average_last: int = 0               # average the last K snapshots (one every --checkpoint_every steps): avg_val_loss
 
 BOS, BLOCK = 50256, 128
 MAGIC, VERSION = 20240520, 1
 
 class UserError(Exception): pass
 
+def flag_value(v):
+    """A value as the parser reads it back: tuples as 3,7,11."""
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
 def parse_args(argv, cls=Hyperparameters):
     h, fields = cls(), {f.name for f in dataclasses.fields(cls)}
     if any(a in ("-h", "--help") for a in argv):
-        print("usage: train_gpt.py [--name=value ...]\n" + "\n".join(f"  --{k}={v!r}" for k, v in dataclasses.asdict(h).items()))
+        comments = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))  # the field comments
+        flags = [f"--{k}={flag_value(v)}" for k, v in dataclasses.asdict(h).items()]
+        width = max(map(len, flags))
+        lines = [f"  {flag:<{width}}  {comments.get(f.name, '')}".rstrip() for flag, f in zip(flags, dataclasses.fields(cls))]
+        print("usage: train_gpt.py [--name=value ...]\n" + "\n".join(lines))
         sys.exit(0)
     i = 0
     while i < len(argv):
@@ -136,14 +145,18 @@ POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
 
 def polar_express(G: Tensor) -> Tensor:
-    """Approximate polar factor U V^T of each matrix in G [..., m, n], in bf16."""
+    """Approximate polar factor U V^T of each matrix in G [..., m, n], in bf16. As the record, each product is
+    accumulated in fp32 and rounded to bf16 once: A = X X^T, B = b A + c A A, X <- a X + B X."""
     X = G.bfloat16()
     tall = G.size(-2) > G.size(-1)
     if tall: X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    X = X.reshape(-1, *X.shape[-2:])
     for a, b, c in POLAR_EXPRESS:
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    X = X.view(*G.shape[:-2], *X.shape[-2:])
     return X.mT if tall else X
 
 @torch.library.custom_op("speedrun::fp8_mm", mutates_args=())
@@ -236,13 +249,16 @@ def doc_causal_window(docs: Tensor, window: int):
         return (q >= kv) & (docs[q] == docs[kv]) & (q - kv <= window)
     return mask_mod
 
+class BlockwiseMask(NamedTuple):
+    """The portable twin of a BlockMask: attend() evaluates its mask_mod densely, a 128-token query block at a time."""
+    docs: Tensor  # document index of each position
+    window: int   # in 128-token blocks
+
 def make_masks(inputs: Tensor, windows, flex: bool):
-    """One attention mask per window (in 128-token blocks): a FlexAttention BlockMask, or the dense twin for SDPA."""
+    """One attention mask per window (in 128-token blocks): a FlexAttention BlockMask, or its portable twin."""
     T = inputs.numel()
     docs = (inputs == BOS).cumsum(0)
-    if not flex:
-        i = torch.arange(T, device=inputs.device)
-        return [doc_causal_window(docs, ws * BLOCK)(0, 0, i[:, None], i[None, :]) for ws in windows]
+    if not flex: return [BlockwiseMask(docs, ws) for ws in windows]
     blk = torch.arange(T // BLOCK, device=inputs.device)
     lo, hi = docs[0::BLOCK], docs[BLOCK - 1::BLOCK]
     dist_ = blk[:, None] - blk[None, :]  # q block minus kv block
@@ -260,9 +276,16 @@ def make_masks(inputs: Tensor, windows, flex: bool):
 
 def attend(q, k, v, mask, scale):  # [B, T, H, D] in and out
     q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # contiguous: see DESIGN.md (compiled flex)
-    if isinstance(mask, BlockMask): y = flex_attention(q, k, v, block_mask=mask, scale=scale)
-    else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return y.transpose(1, 2)
+    if isinstance(mask, BlockMask): return flex_attention(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
+    # portable twin, memory linear in T: each query block sees the window's key blocks (at most window + 1) densely
+    T, mask_mod, out = q.size(2), doc_causal_window(mask.docs, mask.window * BLOCK), []
+    pos = torch.arange(T, device=q.device)
+    for q0 in range(0, T, BLOCK):
+        q1, k0 = min(q0 + BLOCK, T), max(0, q0 - mask.window * BLOCK)
+        visible = mask_mod(0, 0, pos[q0:q1, None], pos[None, k0:q1])
+        out.append(F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], attn_mask=visible,
+                                                  scale=scale))
+    return torch.cat(out, dim=2).transpose(1, 2)
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads):
@@ -402,9 +425,11 @@ class NorMuon:
         for (kind, shape, dtype), ps in groups.items():
             k = -(-len(ps) // comm.world)  # matrices per rank; the stack is zero-padded to world * k
             mats = (4 * k, shape[0], shape[1] // 4) if kind == "attn" else (k, *shape)
-            vshape = (*mats[:-1], 1) if mats[-2] >= mats[-1] else (mats[0], 1, mats[-1])
+            red = -1 if shape[0] >= shape[1] else -2  # as the record: the parameter's shape picks the axis, not the view
+            vshape = (*mats[:-1], 1) if red == -1 else (mats[0], 1, mats[-1])
             lr_mul = torch.tensor([getattr(ps[i], "lr_mul", 1.0) if i < len(ps) else 0.0 for i in range(comm.rank * k, comm.rank * k + k)])
-            self.groups.append(dict(kind=kind, params=ps, k=k, mats=mats, lr_mul=lr_mul.to(ps[0].device).view(-1, *[1] * len(shape)),
+            self.groups.append(dict(kind=kind, params=ps, k=k, mats=mats, red=red,
+                                    lr_mul=lr_mul.to(ps[0].device).view(-1, *[1] * len(shape)),
                                     mom=torch.zeros(k, *shape, dtype=dtype, device=ps[0].device),
                                     v=torch.zeros(vshape, dtype=torch.float32, device=ps[0].device)))
 
@@ -427,9 +452,8 @@ class NorMuon:
             g["mom"].lerp_(grad, 1 - momentum)
             U = grad.lerp(g["mom"], momentum)  # Nesterov
             O = self.ortho(U.view(g["mats"])).float()
-            red = -1 if O.size(-2) >= O.size(-1) else -2
             fro = O.norm(dim=(-2, -1), keepdim=True)
-            g["v"].lerp_(O.square().mean(red, keepdim=True), 1 - self.beta2)
+            g["v"].lerp_(O.square().mean(g["red"], keepdim=True), 1 - self.beta2)
             O = O * g["v"].clamp_min(1e-10).rsqrt()
             O = (O * (fro / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))).view(P.shape)
             rows, cols = P.shape[-2:]
@@ -552,7 +576,13 @@ class TrainLoader:
 
     def next_step(self):
         """This rank's micro-batches for one step: a list of (inputs int32, targets int64), and all 8 slots' piece lengths."""
-        while (out := take_slots(self.tokens, self.bos, self.ptr, 8, self.slot_len, self.h.train_max_seq_len)) is None:
+        for shards_tried in range(len(self.files) + 1):
+            out = take_slots(self.tokens, self.bos, self.ptr, 8, self.slot_len, self.h.train_max_seq_len)
+            if out is not None: break
+            if shards_tried == len(self.files):  # every shard tried from its start (--repeat_data): none holds one step
+                raise UserError(f"train files {self.h.train_files}: no shard holds one step of BOS-aligned data (8 "
+                                f"slots of {self.slot_len + 1} tokens from documents that start with token {BOS}): use "
+                                "larger shards or a smaller --train_batch_size")
             self._advance()
         slots, self.ptr = out
         batches = []
@@ -605,6 +635,7 @@ class Trainer:
         self.muon_params = [p for _, p in muon]
         self.ema = [p.detach().float().clone() for p in m.parameters()] if h.ema_decay > 0 else None  # fp32 shadow, on the device
         self.snapshots = []  # --average_last: (step, weights in host memory)
+        self.loss_sum = torch.zeros((), device=device)  # training loss summed on the device: no host sync in the step
 
     def set_windows(self, step):
         short, long = window_blocks(step, self.h)
@@ -619,6 +650,7 @@ class Trainer:
         for inputs, targets in batches:
             loss = self.fwd(inputs, targets, self.model.layer_masks(make_masks(inputs, windows, self.flex)))
             (loss / 8).backward()  # gradients summed over ranks and micro-batches = mean over the 8 slots
+            self.loss_sum += loss.detach()
         lr = lr_schedule(step, self.h)
         wd = lr if self.h.wd_schedule == "lr" else 1.0  # weight decay on the LR schedule (the record) or at the peak lr
         self.muon.step(lr, muon_momentum(step, self.h), wd)
@@ -638,6 +670,13 @@ class Trainer:
 
     def average(self):  # uniform, in fp32
         return [sum(w.float() for w in ws) / len(ws) for ws in zip(*(snap for _, snap in self.snapshots))]
+
+    def train_loss(self, steps):
+        """Mean training loss per token over the last `steps` steps, read at validation. Collective."""
+        total = self.loss_sum.clone()
+        self.loss_sum.zero_()
+        if self.world > 1: dist.all_reduce(total)
+        return total.item() / (steps * self.h.train_batch_size)
 
     @torch.no_grad()
     def evaluate(self, step, val):
@@ -721,71 +760,138 @@ def environment(h, world):
     lines += ["hyperparameters:"] + [f"  {k}={v!r}" for k, v in dataclasses.asdict(h).items()] + [f"world_size={world}"]
     return "\n".join(lines)
 
+RANGES = [  # (fields, rule, what the rule says): every numeric hyperparameter is checked before any work
+    (("val_tokens", "val_seq_len", "val_head_chunk", "train_batch_size", "train_max_seq_len", "num_iterations",
+      "num_heads", "ws_extension", "ws_validate"), lambda v: v >= 1, ">= 1"),
+    (("num_extension_iterations", "warmup_steps", "val_loss_every", "momentum_warmup_steps", "momentum_cooldown_steps",
+      "kernel_warmup_steps", "checkpoint_every", "average_last", "weight_decay", "adam_weight_decay", "min_lr_frac"),
+     lambda v: v >= 0, ">= 0"),
+    (("lr", "adam_lr", "adam_eps"), lambda v: v > 0, "> 0"),
+    (("momentum", "momentum_min", "beta2", "adam_beta1", "adam_beta2", "ema_decay"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("cooldown_frac",), lambda v: 0 < v <= 1, "in (0, 1]")]
+
 def validate(h, world):
+    for names, rule, what in RANGES:
+        for name in names:
+            value = getattr(h, name)
+            if not math.isfinite(value): raise UserError(f"--{name}={value} must be a finite number")
+            if not rule(value): raise UserError(f"--{name}={value} must be {what}")
     S = h.num_iterations - h.num_extension_iterations
-    need_w = (2 if h.warmup_type == "log" else 1) if h.lr_schedule in ("warmup", "warmup_decay") else int(h.lr_schedule == "noam")
-    checks = [(8 % world == 0, f"world size {world} does not divide 8: use 1, 2, 4 or 8 processes"),
-              (h.train_batch_size % (8 * BLOCK) == 0, f"--train_batch_size={h.train_batch_size} must be a multiple of {8 * BLOCK}"),
-              (0 < S, "--num_extension_iterations must be smaller than --num_iterations"),
-              (0 < h.cooldown_frac <= 1, "--cooldown_frac must be in (0, 1]"),
-              (h.val_tokens > 0 and h.val_seq_len > 0 and h.val_head_chunk > 0, "--val_tokens, --val_seq_len and --val_head_chunk must be positive"),
-              (h.model_dim % h.num_heads == 0 and (h.model_dim // h.num_heads) % 4 == 0, "--model_dim must be --num_heads times a multiple of 4"),
-              (h.model_dim >= 12 and h.num_layers >= 2, "--model_dim must be >= 12 and --num_layers >= 2"),
-              (h.vocab_size > BOS and h.vocab_size % 8 == 0, "--vocab_size must exceed 50256 and be a multiple of 8"),
-              (len(h.ws_schedule) > 0, "--ws_schedule needs at least one window"),
-              (h.lr_schedule in LR_SCHEDULES, f"--lr_schedule={h.lr_schedule}: unknown, use one of {', '.join(LR_SCHEDULES)}"),
-              (h.warmup_type in ("log", "linear"), f"--warmup_type={h.warmup_type}: use log or linear"),
-              (h.warmup_steps >= need_w, f"--lr_schedule={h.lr_schedule} needs --warmup_steps >= {need_w} (got {h.warmup_steps})"),
-              (h.lr_schedule not in ("cosine", "warmup_decay") or h.warmup_steps < S,
-               f"--warmup_steps={h.warmup_steps} must be below the {S} scheduled steps for --lr_schedule={h.lr_schedule}"),
-              (h.wd_mode in ("cautious", "decoupled", "l2", "none"), f"--wd_mode={h.wd_mode}: use cautious, decoupled, l2 or none"),
-              (h.wd_schedule in ("lr", "constant"), f"--wd_schedule={h.wd_schedule}: use lr or constant"),
-              (0 <= h.ema_decay < 1, f"--ema_decay={h.ema_decay} must be in [0, 1) (0 = off)"),
-              (h.checkpoint_every >= 0 and h.average_last >= 0, "--checkpoint_every and --average_last must be >= 0"),
-              (h.average_last == 0 or h.checkpoint_every > 0, "--average_last needs --checkpoint_every > 0 (the snapshot interval)"),
-              (not h.resume or os.path.isfile(h.resume), f"--resume={h.resume}: no such file")]
+    need_w = int(h.lr_schedule == "noam")
+    if h.lr_schedule in ("warmup", "warmup_decay"): need_w = 2 if h.warmup_type == "log" else 1
+    checks = [
+        (8 % world == 0, f"world size {world} does not divide 8: use 1, 2, 4 or 8 processes"),
+        (h.train_batch_size % (8 * BLOCK) == 0, f"--train_batch_size={h.train_batch_size}: use a multiple of {8 * BLOCK}"),
+        (0 < S, "--num_extension_iterations must be smaller than --num_iterations"),
+        (h.model_dim % h.num_heads == 0 and (h.model_dim // h.num_heads) % 4 == 0,
+         "--model_dim must be --num_heads times a multiple of 4"),
+        (h.model_dim >= 12 and h.num_layers >= 2, "--model_dim must be >= 12 and --num_layers >= 2"),
+        (h.vocab_size > BOS and h.vocab_size % 8 == 0, "--vocab_size must exceed 50256 and be a multiple of 8"),
+        (len(h.ws_schedule) > 0 and min(h.ws_schedule) >= 1,
+         f"--ws_schedule={flag_value(h.ws_schedule)}: give one or more windows >= 1 (in 128-token blocks)"),
+        (h.lr_schedule in LR_SCHEDULES, f"--lr_schedule={h.lr_schedule}: use one of {', '.join(LR_SCHEDULES)}"),
+        (h.warmup_type in ("log", "linear"), f"--warmup_type={h.warmup_type}: use log or linear"),
+        (h.warmup_steps >= need_w, f"--lr_schedule={h.lr_schedule} needs --warmup_steps >= {need_w}, not {h.warmup_steps}"),
+        (h.lr_schedule not in ("cosine", "warmup_decay") or h.warmup_steps < S,
+         f"--warmup_steps={h.warmup_steps} must be below the {S} scheduled steps for --lr_schedule={h.lr_schedule}"),
+        (h.wd_mode in ("cautious", "decoupled", "l2", "none"), f"--wd_mode={h.wd_mode}: use cautious, decoupled, l2, none"),
+        (h.wd_schedule in ("lr", "constant"), f"--wd_schedule={h.wd_schedule}: use lr or constant"),
+        (h.average_last == 0 or h.checkpoint_every > 0, "--average_last needs --checkpoint_every > 0 (snapshot interval)"),
+        (h.run_id == "" or (re.fullmatch(r"[\w.-]+", h.run_id) and h.run_id not in (".", "..")),
+         f"--run_id={h.run_id}: use a plain file name (letters, digits, '.', '_', '-'); the log is logs/<run_id>.txt"),
+        (not h.resume or os.path.isfile(h.resume), f"--resume={h.resume}: no such file")]
     for ok, msg in checks:
         if not ok: raise UserError(msg)
+
+# hyperparameters that may differ on --resume (logged): they do not change the training math
+RESUME_FREE = ("val_files", "val_tokens", "val_seq_len", "val_head_chunk", "val_loss_every", "kernel_warmup_steps",
+               "compile", "seed", "run_id", "save_checkpoint", "checkpoint_every", "resume", "ema_decay", "ema_warmup",
+               "average_last", "repeat_data")
+
+def load_checkpoint(h):
+    """--resume: the saved state and the logged differences, after checking it against this run's hyperparameters."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd = torch.load(h.resume, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a whole checkpoint
+        raise UserError(f"--resume={h.resume}: cannot be read as a checkpoint ({type(e).__name__}): truncated, or not "
+                        "a state_step*.pt saved by train_gpt.py") from None
+    if not isinstance(sd, dict) or not {"model", "muon", "adam", "step", "hyperparameters"} <= sd.keys():
+        raise UserError(f"--resume={h.resume}: not a checkpoint of train_gpt.py (no model and optimizer state in it)")
+    saved, now = sd["hyperparameters"], dataclasses.asdict(h)
+    differ = [k for k in now if k not in ("resume", "run_id") and saved.get(k, "(absent)") != now[k]]
+    flags = lambda keys: ", ".join(f"--{k}={flag_value(saved.get(k, '(absent)'))} (now {flag_value(now[k])})"
+                                   for k in keys)
+    if sd["step"] >= h.num_iterations:
+        raise UserError(f"--resume={h.resume}: the checkpoint is at step {sd['step']}, "
+                        f"--num_iterations={h.num_iterations}: nothing left to train")
+    if [k for k in differ if k not in RESUME_FREE]:
+        raise UserError(f"--resume={h.resume}: saved with other hyperparameters that change the training: "
+                        + flags(k for k in differ if k not in RESUME_FREE))
+    return sd, flags(differ)
+
+def save_checkpoint(obj, path):
+    """torch.save under a temporary name, renamed when complete: a failed save never leaves a partial file."""
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot save the checkpoint ({e.strerror})") from None
 
 def main(argv):
     h = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     validate(h, world)
+    # check every data file and the checkpoint before anything heavy and before the log exists
+    train_files = list_files(h.train_files, "train")
+    train_tokens = sum(read_header(f) for f in train_files)
+    if train_tokens < h.num_iterations * h.train_batch_size and not h.repeat_data:
+        raise UserError(f"train files {h.train_files} hold {train_tokens} tokens, {h.num_iterations} steps need more "
+                        f"than {h.num_iterations * h.train_batch_size}: download more shards or pass --repeat_data=1")
+    val = load_val(h)
+    sd, resume_changes = load_checkpoint(h) if h.resume else (None, "")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1: dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    if world > 1:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     master = rank == 0
     run_id = h.run_id or str(uuid.uuid4())
     logfile = f"logs/{run_id}.txt"
-    if master:
-        os.makedirs("logs", exist_ok=True)
-        with open(__file__) as f: code = f.read()
-        with open(logfile, "w") as f: f.write(code + "\n" + "=" * 100 + "\n" + environment(h, world) + "\n" + "=" * 100 + "\n")
-        print(f"log: {logfile}")
+    def write_log(text, mode="a"):  # rank 0 only
+        try:
+            with open(logfile, mode) as f: f.write(text)
+        except FileExistsError:
+            raise UserError(f"{logfile} exists: choose another --run_id (a log is never overwritten)") from None
+        except OSError as e:
+            raise UserError(f"{logfile}: cannot write the log ({e.strerror}); the run stops") from None
     def log(s):
         if master:
             print(s)
-            with open(logfile, "a") as f: f.write(s + "\n")
+            write_log(s + "\n")
+    if master:
+        os.makedirs("logs", exist_ok=True)
+        with open(__file__) as f: code = f.read()
+        write_log(code + "\n" + "=" * 100 + "\n" + environment(h, world) + "\n" + "=" * 100 + "\n", mode="x")
+        print(f"log: {logfile}")
 
-    # check every data file before anything heavy
-    train_files = list_files(h.train_files, "train")
-    train_tokens = sum(read_header(f) for f in train_files)
-    if train_tokens < h.num_iterations * h.train_batch_size and not h.repeat_data:
-        raise UserError(f"train files {h.train_files} hold {train_tokens} tokens, {h.num_iterations} steps need more than "
-                        f"{h.num_iterations * h.train_batch_size}: download more shards or pass --repeat_data=1")
-    val = load_val(h)
     trainer = Trainer(h, rank, world, device)
     torch._dynamo.config.recompile_limit = 64
     start, train_ms, loader_state = 0, 0.0, dict()
-    if h.resume:
-        sd = torch.load(h.resume, map_location="cpu", weights_only=False)
-        trainer.load_state_dict(sd)
+    if sd is not None:
+        try: trainer.load_state_dict(sd)
+        except (RuntimeError, KeyError, IndexError, ValueError) as e:
+            raise UserError(f"--resume={h.resume}: its state does not fit this script's model or optimizer "
+                            f"({str(e).splitlines()[0][:200]})") from None
         start, train_ms, loader_state = sd["step"], sd["train_ms"], sd["loader"]
         for s in range(start): trainer.model.rotary.set_window(window_blocks(s, h)[1])
-        log(f"resumed from {h.resume} at step {start}")
+        log(f"resumed from {h.resume} at step {start}"
+            + (f"; changed since it was saved: {resume_changes}" if resume_changes else ""))
+    del sd
 
     if h.kernel_warmup_steps > 0:  # compile and warm up kernels on every training window, then restore all state
         saved = copy.deepcopy(dict(model=trainer.model.state_dict(), muon=trainer.muon.state(), adam=trainer.adam.state(), t=trainer.adam.t,
@@ -803,6 +909,7 @@ def main(argv):
         for p in trainer.muon_params: p.grad = None
         r = trainer.model.rotary
         r.freq, r.attn_scale, r.ws = rot; r._tables()
+        trainer.loss_sum.zero_()
         del warm_loader, saved
 
     loader = TrainLoader(h, rank, world, device, **loader_state)
@@ -810,7 +917,7 @@ def main(argv):
     n_attn = {"short": 0, "long": 0}
     for i, b in enumerate(trainer.model.blocks):
         if b.attn: n_attn["long" if i in trainer.model.lay["long"] else "short"] += 1
-    total_flops, val_loss = 0.0, float("nan")
+    total_flops, val_loss, resumed_ms, last_val = 0.0, float("nan"), train_ms, start
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync(); t0 = time.perf_counter()
     for step in range(start, h.num_iterations + 1):
@@ -821,22 +928,33 @@ def main(argv):
             sync(); t0 = time.perf_counter()
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             sync(); train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
-            val_loss = trainer.evaluate(step, val)
-            log(f"step:{step}/{h.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
-                + trainer.val_fields(step, val, last))
+            train_loss, diverged = trainer.train_loss(step - last_val) if step > last_val else None, None
+            if train_loss is not None and not math.isfinite(train_loss):
+                diverged = f"the training loss became non-finite between steps {last_val + 1} and {step}"
+            else:
+                val_loss, last_val = trainer.evaluate(step, val), step
+                log(f"step:{step}/{h.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
+                    f"step_avg:{train_ms / max(step, 1):.2f}ms"
+                    + (f" train_loss:{train_loss:.4f}" if train_loss is not None else "") + trainer.val_fields(step, val, last))
+                if not math.isfinite(val_loss): diverged = f"the val loss is non-finite at step {step}: weights diverged"
+            if diverged:
+                log(f"step:{step}/{h.num_iterations} stopped: {diverged}")
+                raise UserError(f"{diverged} (see {logfile}): lower --lr or --adam_lr")
             sync(); t0 = time.perf_counter()
         if h.save_checkpoint and (last or (h.checkpoint_every > 0 and step > start and step % h.checkpoint_every == 0)):
             sync(); train_ms += 1000 * (time.perf_counter() - t0)
             sd = trainer.state_dict()
             if master:
                 os.makedirs(f"logs/{run_id}", exist_ok=True)
-                torch.save(dict(sd, step=step, train_ms=train_ms, loader=loader.state(), hyperparameters=dataclasses.asdict(h)),
-                           f"logs/{run_id}/state_step{step:06d}.pt")
-                log(f"checkpoint: logs/{run_id}/state_step{step:06d}.pt")
+                path = f"logs/{run_id}/state_step{step:06d}.pt"
+                save_checkpoint(dict(sd, step=step, train_ms=train_ms, loader=loader.state(),
+                                     hyperparameters=dataclasses.asdict(h)), path)
+                log(f"checkpoint: {path}")
                 if last and trainer.snapshots:
                     names, steps = [k for k, _ in trainer.model.named_parameters()], [s for s, _ in trainer.snapshots]
-                    torch.save(dict(model=dict(zip(names, trainer.average())), steps=steps), f"logs/{run_id}/average_step{step:06d}.pt")
-                    log(f"checkpoint average: logs/{run_id}/average_step{step:06d}.pt (steps {','.join(map(str, steps))})")
+                    path = f"logs/{run_id}/average_step{step:06d}.pt"
+                    save_checkpoint(dict(model=dict(zip(names, trainer.average())), steps=steps), path)
+                    log(f"checkpoint average: {path} (steps {','.join(map(str, steps))})")
             sync(); t0 = time.perf_counter()
         if last: break
         epoch = loader.epoch
@@ -854,9 +972,9 @@ def main(argv):
     else:
         log("peak memory allocated: 0 MiB reserved: 0 MiB")
         peak = None
-    timed_steps = h.num_iterations - start
-    tokens_per_s = timed_steps * h.train_batch_size / max(train_ms / 1000, 1e-9)
-    mfu = f"{100 * total_flops / (train_ms / 1000) / (peak * world):.1f}%" if peak and train_ms > 0 else "n/a"
+    seconds = max((train_ms - resumed_ms) / 1000, 1e-9)  # this process's steps and time (after a resume too)
+    tokens_per_s = (h.num_iterations - start) * h.train_batch_size / seconds
+    mfu = f"{100 * total_flops / seconds / (peak * world):.1f}%" if peak else "n/a"
     log(f"summary val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms tokens_per_s:{tokens_per_s:.0f} mfu:{mfu}"
         + (f" mfu_peak_tflops:{peak / 1e12:.0f}" if peak else ""))
     if world > 1: dist.destroy_process_group()

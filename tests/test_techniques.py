@@ -70,7 +70,7 @@ def test_record_schedule_is_the_default():
     (["--lr_schedule=warmup", "--warmup_steps=1"], "--warmup_steps >= 2"),
     (["--lr_schedule=warmup_decay", "--warmup_type=linear"], "--warmup_steps >= 1"),
     (["--lr_schedule=cosine", "--warmup_steps=2205"], "must be below the 2205 scheduled steps"),
-    (["--warmup_steps=-1"], "--warmup_steps >= 0"),
+    (["--warmup_steps=-1"], "--warmup_steps=-1 must be >= 0"),
     (["--warmup_type=cos"], "--warmup_type=cos"),
     (["--wd_mode=adamw"], "--wd_mode=adamw"),
     (["--wd_schedule=cosine"], "--wd_schedule=cosine"),
@@ -99,7 +99,8 @@ def normuon_first_step_ref(p, g, kind, lr, lam, mode, mu, beta2, lr_mul):
     mats = u.view(4, p.size(0), -1) if kind == "attn" else u[None]
     outs = []
     for o in mats:
-        stat = (o ** 2).mean(dim=1, keepdim=True) if o.size(0) >= o.size(1) else (o ** 2).mean(dim=0, keepdim=True)
+        # one statistic per row if the parameter (not the Q/K/V/O view) is tall or square, else one per column
+        stat = (o ** 2).mean(dim=1, keepdim=True) if p.size(0) >= p.size(1) else (o ** 2).mean(dim=0, keepdim=True)
         o2 = o / ((1 - beta2) * stat).sqrt()
         outs.append(o2 * o.norm() / o2.norm())
     upd = torch.stack(outs).reshape(p.shape)
@@ -269,9 +270,11 @@ def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
     fields = [dict(kv.split(":", 1) for kv in l.split()[1:]) for l in lines]
     assert [l.split()[0] for l in lines] == ["step:0/4", "step:2/4", "step:4/4"]
     groups = ["attn", "mlp", "embed", "head", "scalars"]
-    for f in fields:  # extra fields come after the standard ones
-        assert list(f)[:4] == ["val_loss", "train_time", "step_avg", "ema_val_loss"]
-        assert list(f)[4:] == (["avg_val_loss"] if f is fields[-1] else []) + ["wnorm"] + [f"wnorm_{g}" for g in groups]
+    for f in fields:  # extra fields come after the standard ones (train_loss: from the second validation on)
+        first = ["val_loss", "train_time", "step_avg"] + ([] if f is fields[0] else ["train_loss"]) + ["ema_val_loss"]
+        assert list(f)[:len(first)] == first
+        rest = (["avg_val_loss"] if f is fields[-1] else []) + ["wnorm"] + [f"wnorm_{g}" for g in groups]
+        assert list(f)[len(first):] == rest
     assert fields[0]["ema_val_loss"] == fields[0]["val_loss"]  # the shadow starts at the weights
     assert "checkpoint average: logs/tech/average_step000004.pt (steps 2,3,4)" in body
     # hand-computed EMA and average from the saved per-step weights and the initial weights (same seed)
