@@ -7,8 +7,9 @@ import torch
 import train_gpt as tg
 from tests.test_gpt import ROOT, SCRIPT, parse_log, rel, run_cli
 
-# the train_gpt.py before the switches: "switches absent" = the record's behaviour (update the pin if a record changes it)
-PRE_SWITCHES = "279ce2e"
+# the train_gpt.py whose default math is the record's: at first the one before the switches (279ce2e), since issue 9
+# the one with the record's NorMuon axis and Polar Express rounding (update the pin when a change to the recipe lands)
+PRE_SWITCHES = "8054af7"
 # narrower than test_gpt's TINY (the 50304-wide head dominates a CPU step)
 SMALL = ["--num_layers=4", "--model_dim=16", "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128",
          "--val_tokens=1000", "--val_seq_len=1024", "--compile=0", "--kernel_warmup_steps=0"]
