@@ -193,22 +193,22 @@ def test_cut_short_cifar_log_and_unreadable_file_named(logs, tmp_path, capsys):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "notes.txt" in r.stderr, r.stderr
 
 
-BROKEN = {  # what a diverged run (or an edited log) reads like -> (kind, edit of the log's body)
-    "gpt val_loss nan": ("gpt", lambda t: re.sub(r"^((step:\S+|summary) val_loss:)\S+", r"\1nan", t, flags=re.M)),
-    "gpt summary val_loss inf": ("gpt", lambda t: re.sub(r"^(summary val_loss:)\S+", r"\1inf", t, flags=re.M)),
-    "gpt train_time nan": ("gpt", lambda t: re.sub(r"^(step:2/\S+ .*train_time:)\d+ms", r"\1nanms", t, flags=re.M)),
-    "cifar acc nan": ("cifar", lambda t: re.sub(r"^(run:2 acc:)\S+", r"\1nan", t, flags=re.M)),
-    "cifar epoch train_loss nan": ("cifar", lambda t: re.sub(r"^(epoch:1/\S+ train_loss:)\S+", r"\1nan", t, flags=re.M))}
+BROKEN = {  # what a diverged run (or an edited log) reads like -> (kind, a line pattern, what replaces its group 2)
+    "gpt val_loss nan": ("gpt", r"^((?:step:\S+|summary) val_loss:)(\S+)", "nan"),
+    "gpt summary val_loss inf": ("gpt", r"^(summary val_loss:)(\S+)", "inf"),
+    "gpt train_time nan": ("gpt", r"^(step:2/\S+ .*train_time:)(\d+ms)", "nanms"),
+    "cifar acc nan": ("cifar", r"^(run:2 acc:)(\S+)", "nan"),
+    "cifar epoch train_loss nan": ("cifar", r"^(epoch:1/\S+ train_loss:)(\S+)", "nan")}
 
 
 @pytest.mark.parametrize("broken", BROKEN)
 def test_non_finite_metric_names_the_log_broken(logs, tmp_path, broken):
-    kind, edit = BROKEN[broken]
+    kind, pattern, value = BROKEN[broken]
     paths = logs["gpt"] if kind == "gpt" else [logs["cifar"]]
     name = os.path.basename(paths[-1])
     d = folder(tmp_path, "diverged", paths)
     with open(os.path.join(d, name), "w") as f:
-        f.write(edit(read(paths[-1])))
+        f.write(re.sub(pattern, lambda m: m[1] + value, read(paths[-1]), flags=re.M))
     assert read(os.path.join(d, name)) != read(paths[-1])
     r = subprocess.run([sys.executable, os.path.join(RECORDS, "verify.py"), d], capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
