@@ -1,7 +1,7 @@
 # GPT-2-small-class speedrun trainer: FineWeb val loss <= 3.28 on 8xH100.
 # Recipe: modded-nanogpt record #43 "Cautious Weight Decay w/ schedule" (2245 steps of 262,144 tokens).
 # Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py [--name=value ...]   (1, 2, 4 or 8 GPUs: same math)
-import copy, dataclasses, glob, inspect, math, os, re, subprocess, sys, threading, time, uuid, warnings
+import contextlib, copy, dataclasses, glob, inspect, math, os, re, signal, subprocess, sys, threading, time, uuid, warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 import numpy as np
@@ -593,6 +593,22 @@ class TrainLoader:
             batches.append((buf[:-1], buf[1:].long()))
         return batches, [np.subtract(e, s) for s, e in slots]
 
+def check_train_data(h, steps, file_idx=0, ptr=0):
+    """Before training: the train shards the run will read (all with --repeat_data) have ids < vocab size and hold
+    `steps` steps of BOS-aligned slots from (file_idx, ptr) on, counted as the loader takes them."""
+    files, slot_len, found = list_files(h.train_files, "train"), h.train_batch_size // 8, 0
+    for i in range(0 if h.repeat_data else file_idx, len(files)):
+        tokens = load_shard(files[i], h.vocab_size)
+        bos, p = np.flatnonzero(tokens == BOS), ptr if i == file_idx else 0
+        while found < steps and (out := take_slots(tokens, bos, p, 8, slot_len, h.train_max_seq_len)) is not None:
+            found, p = found + 1, out[1]
+        if found == steps and not h.repeat_data: return
+    if found == steps: return
+    what = f"steps of BOS-aligned data (8 slots of {slot_len + 1} tokens from documents that start with token {BOS})"
+    if h.repeat_data: raise UserError(f"train files {h.train_files}: no shard holds one step: they hold 0 {what}")
+    raise UserError(f"train files {h.train_files} hold {found} {what} from where the run starts, it needs {steps}: "
+                    "download more shards or pass --repeat_data=1")
+
 def load_val(h):
     tokens, need = [], h.val_tokens + 1
     for f in list_files(h.val_files, "val"):
@@ -636,6 +652,7 @@ class Trainer:
         self.ema = [p.detach().float().clone() for p in m.parameters()] if h.ema_decay > 0 else None  # fp32 shadow, on the device
         self.snapshots = []  # --average_last: (step, weights in host memory)
         self.loss_sum = torch.zeros((), device=device)  # training loss summed on the device: no host sync in the step
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def set_windows(self, step):
         short, long = window_blocks(step, self.h)
@@ -660,6 +677,31 @@ class Trainer:
             for p in self.adam_params: p.grad = None
         if self.ema is not None: self.update_ema(step)
         return windows, lengths
+
+    def kernel_warmup(self, n_steps, log):
+        """Compile and warm up kernels on every training window, a line per window phase; then restore all state."""
+        h, m = self.h, self.model
+        saved = copy.deepcopy(dict(model=m.state_dict(), opt=self.muon.state() + self.adam.state(), t=self.adam.t,
+                                   grads=[p.grad for p in self.adam_params], ema=self.ema, loss=self.loss_sum))
+        rot = (m.rotary.freq, m.rotary.attn_scale, m.rotary.ws)
+        loader = TrainLoader(h, self.rank, self.world, self.device)
+        stages = sorted({window_blocks(s, h): s for s in reversed(range(h.num_iterations))}.values())  # first steps
+        phase_steps = [sum(i * len(stages) // n_steps == k for i in range(n_steps)) for k in range(len(stages))]
+        for k, (stage, n) in enumerate(zip(stages, phase_steps)):
+            t0 = time.perf_counter()
+            for _ in range(n): self.train_step(stage, loader)
+            self.sync()
+            if n: log(f"kernel warmup {k + 1}/{len(stages)}: windows {window_blocks(stage, h)}, {n} steps, "
+                      f"{time.perf_counter() - t0:.1f}s (untimed)")
+        m.load_state_dict(saved["model"])
+        for live, keep in zip(self.muon.state() + self.adam.state(), saved["opt"]):
+            for k in live: live[k].copy_(keep[k])
+        self.adam.t, self.ema = saved["t"], saved["ema"]
+        for p, g in zip(self.adam_params, saved["grads"]): p.grad = g
+        for p in self.muon_params: p.grad = None
+        m.rotary.freq, m.rotary.attn_scale, m.rotary.ws = rot
+        m.rotary._tables()
+        self.loss_sum.copy_(saved["loss"])
 
     def update_ema(self, t):  # after step t (0-based): the warmup rule gives decay 0.1 after the first step
         d = min(self.h.ema_decay, (1 + t) / (10 + t)) if self.h.ema_warmup else self.h.ema_decay
@@ -836,21 +878,23 @@ def save_checkpoint(obj, path):
     try:
         torch.save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot save the checkpoint ({e.strerror})") from None
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError): os.remove(path + ".tmp")
+        raise UserError(f"{path}: cannot save the checkpoint ({getattr(e, 'strerror', None) or 'write failed'}; "
+                        "is the disk full?)") from None
 
 def main(argv):
     h = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     validate(h, world)
-    # check every data file and the checkpoint before anything heavy and before the log exists
-    train_files = list_files(h.train_files, "train")
-    train_tokens = sum(read_header(f) for f in train_files)
-    if train_tokens < h.num_iterations * h.train_batch_size and not h.repeat_data:
-        raise UserError(f"train files {h.train_files} hold {train_tokens} tokens, {h.num_iterations} steps need more "
-                        f"than {h.num_iterations * h.train_batch_size}: download more shards or pass --repeat_data=1")
+    progress = dict(at="before training started", saved="nothing saved")  # for Ctrl-C's one line
+    def interrupted(signum, frame): raise UserError(f"interrupted {progress['at']}; {progress['saved']}")
+    signal.signal(signal.SIGINT, interrupted)
+    # check the data and the checkpoint before anything heavy and before the log exists
     val = load_val(h)
     sd, resume_changes = load_checkpoint(h) if h.resume else (None, "")
+    start, train_ms, loader_state = (sd["step"], sd["train_ms"], sd["loader"]) if sd else (0, 0.0, dict())
+    check_train_data(h, h.num_iterations - start, loader_state.get("file_idx", 0), loader_state.get("ptr", 0))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -881,36 +925,18 @@ def main(argv):
 
     trainer = Trainer(h, rank, world, device)
     torch._dynamo.config.recompile_limit = 64
-    start, train_ms, loader_state = 0, 0.0, dict()
     if sd is not None:
         try: trainer.load_state_dict(sd)
         except (RuntimeError, KeyError, IndexError, ValueError) as e:
             raise UserError(f"--resume={h.resume}: its state does not fit this script's model or optimizer "
                             f"({str(e).splitlines()[0][:200]})") from None
-        start, train_ms, loader_state = sd["step"], sd["train_ms"], sd["loader"]
         for s in range(start): trainer.model.rotary.set_window(window_blocks(s, h)[1])
         log(f"resumed from {h.resume} at step {start}"
             + (f"; changed since it was saved: {resume_changes}" if resume_changes else ""))
     del sd
 
-    if h.kernel_warmup_steps > 0:  # compile and warm up kernels on every training window, then restore all state
-        saved = copy.deepcopy(dict(model=trainer.model.state_dict(), muon=trainer.muon.state(), adam=trainer.adam.state(), t=trainer.adam.t,
-                                   grads=[p.grad for p in trainer.adam_params], ema=trainer.ema))
-        rot = (trainer.model.rotary.freq, trainer.model.rotary.attn_scale, trainer.model.rotary.ws)
-        warm_loader, S = TrainLoader(h, rank, world, device), h.num_iterations - h.num_extension_iterations
-        stages = sorted({int(S * i / len(h.ws_schedule)) for i in range(len(h.ws_schedule))} | {S})
-        for i in range(h.kernel_warmup_steps):
-            trainer.train_step(stages[i * len(stages) // h.kernel_warmup_steps], warm_loader)
-        trainer.model.load_state_dict(saved["model"])
-        for live, keep in zip(trainer.muon.state() + trainer.adam.state(), saved["muon"] + saved["adam"]):
-            for k in live: live[k].copy_(keep[k])
-        trainer.adam.t, trainer.ema = saved["t"], saved["ema"]
-        for p, g in zip(trainer.adam_params, saved["grads"]): p.grad = g
-        for p in trainer.muon_params: p.grad = None
-        r = trainer.model.rotary
-        r.freq, r.attn_scale, r.ws = rot; r._tables()
-        trainer.loss_sum.zero_()
-        del warm_loader, saved
+    if h.kernel_warmup_steps > 0 and h.compile: trainer.kernel_warmup(h.kernel_warmup_steps, log)
+    elif h.kernel_warmup_steps > 0: log("kernel warmup: skipped, nothing is compiled (--compile=0)")
 
     loader = TrainLoader(h, rank, world, device, **loader_state)
     flops_token = 6 * matmul_params_per_token(h)
@@ -918,10 +944,11 @@ def main(argv):
     for i, b in enumerate(trainer.model.blocks):
         if b.attn: n_attn["long" if i in trainer.model.lay["long"] else "short"] += 1
     total_flops, val_loss, resumed_ms, last_val = 0.0, float("nan"), train_ms, start
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = trainer.sync
     sync(); t0 = time.perf_counter()
     for step in range(start, h.num_iterations + 1):
         last = step == h.num_iterations
+        progress["at"] = f"at step {step} of {h.num_iterations}"
         if h.average_last and step > start and (last or step % h.checkpoint_every == 0):  # untimed, like a checkpoint
             sync(); train_ms += 1000 * (time.perf_counter() - t0)
             trainer.snapshot(step)
@@ -950,6 +977,7 @@ def main(argv):
                 save_checkpoint(dict(sd, step=step, train_ms=train_ms, loader=loader.state(),
                                      hyperparameters=dataclasses.asdict(h)), path)
                 log(f"checkpoint: {path}")
+                progress["saved"] = f"last checkpoint {path} (continue with --resume={path})"
                 if last and trainer.snapshots:
                     names, steps = [k for k, _ in trainer.model.named_parameters()], [s for s, _ in trainer.snapshots]
                     path = f"logs/{run_id}/average_step{step:06d}.pt"

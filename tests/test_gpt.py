@@ -394,6 +394,8 @@ def test_non_finite_loss_stops_at_the_first_validation_after_it(tmp_path, gpt_fi
     vals = {int(m[1]): (float(m[2]), float(m[3] or 0)) for m in
             re.finditer(r"^step:(\d+)/12 val_loss:(\S+) .*?(?: train_loss:(\S+))? wnorm", body, re.M)}
     assert all(math.isfinite(v) for step in range(s) for v in vals[step])  # finite up to the step before the stop
+    # the head starts at zero and Adam first moves it after step 2: the first two steps predict uniformly
+    assert vals[1][1] == vals[2][1] == round(math.log(50304), 4)
     if stop[2] == f"the val loss is non-finite at step {s}: weights diverged": assert math.isnan(vals[s][0])
     else: assert stop[2] == f"the training loss became non-finite between steps {s} and {s}" and s not in vals
 
@@ -408,6 +410,98 @@ def test_a_log_write_that_fails_ends_with_one_line(tmp_path, gpt_files):
     r = run_cli(gpt_files + TINY + ["--num_iterations=40", "--num_extension_iterations=1", "--run_id=full"], tmp_path,
                 preexec_fn=disk_fills_after_the_header)
     assert "logs/full.txt: cannot write the log" in one_line_error(r) and "step:3/40" in r.stdout
+
+def test_a_rerun_never_touches_an_existing_log_and_failed_starts_leave_none(tmp_path, gpt_files):
+    args = gpt_files + TINY + ["--num_iterations=2", "--num_extension_iterations=1", "--run_id=done"]
+    assert run_cli(args, tmp_path).returncode == 0
+    finished = (tmp_path / "logs/done.txt").read_text()
+    assert "summary val_loss:" in finished
+    assert "logs/done.txt exists" in one_line_error(run_cli(args, tmp_path))  # a real second run with the same id
+    assert (tmp_path / "logs/done.txt").read_text() == finished
+    bad = args[2:-1] + [f"--train_files={tmp_path}/none_*.bin", gpt_files[1], "--run_id=failed"]
+    assert "no train files match" in one_line_error(run_cli(bad, tmp_path))
+    assert sorted(os.listdir(tmp_path / "logs")) == ["done.txt"]  # the failed start left no header-only log
+
+def test_a_checkpoint_save_that_fails_leaves_no_partial_file(tmp_path, gpt_files):
+    import resource, signal
+    def disk_fills_at_one_mib():  # the tiny model's checkpoint is ~50 MB; the log stays far below 1 MiB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+    args = ["--num_iterations=3", "--num_extension_iterations=1", "--save_checkpoint=1", "--checkpoint_every=1",
+            "--run_id=ck"]
+    r = run_cli(gpt_files + TINY + args, tmp_path, preexec_fn=disk_fills_at_one_mib)
+    assert "logs/ck/state_step000001.pt: cannot save the checkpoint" in one_line_error(r)
+    assert os.listdir(tmp_path / "logs/ck") == []  # neither the final name nor a temporary file
+
+def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_checkpoint(tmp_path, gpt_files):
+    import signal
+    args = ["--num_iterations=60", "--num_extension_iterations=1", "--save_checkpoint=1", "--checkpoint_every=2",
+            "--run_id=int"]
+    p = subprocess.Popen([sys.executable, SCRIPT, *gpt_files, *TINY, *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in p.stdout:  # wait for the third step, after the checkpoint of step 2
+        if line.startswith("step:3/60"): break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
+    step = int(re.search(r"interrupted at step (\d+) of 60; ", lines[0])[1])
+    saved = max(s for s in range(0, step + 1, 2) if s)  # the last checkpoint step at or before the interruption
+    assert f"last checkpoint logs/int/state_step{saved:06d}.pt (continue with --resume=" in lines[0], lines[0]
+    assert os.path.exists(tmp_path / f"logs/int/state_step{saved:06d}.pt")
+
+def test_train_data_is_checked_before_the_first_step(tmp_path, gpt_files, monkeypatch):
+    shards = [np.concatenate(learnable_docs(60, s, 10, 300)) for s in (1, 2)]
+    for i, tokens in enumerate(shards): write_shard(tmp_path / f"t_{i + 1:06d}.bin", tokens)
+    per_shard = [len(loader_reference([t], 999, 128, 100, partial=True)[0]) for t in shards]  # the test's own loader
+    args = TINY + [f"--train_files={tmp_path}/t_*.bin", gpt_files[1], "--train_max_seq_len=100",
+                   "--num_extension_iterations=1"]
+    need = sum(per_shard) + 1
+    msg = main_error(args + [f"--num_iterations={need}"], tmp_path, monkeypatch)
+    assert f"hold {sum(per_shard)} steps of BOS-aligned data" in msg and f"it needs {need}" in msg
+    assert not os.path.exists(tmp_path / "logs")
+    monkeypatch.chdir(tmp_path)  # exactly enough: passes the check (and trains)
+    tg.check_train_data(tg.parse_args(args + [f"--num_iterations={need - 1}"]), need - 1)
+    write_shard(tmp_path / "t_000002.bin", np.concatenate([shards[1], [50304]]))  # a bad id at the end of shard 2
+    msg = main_error(args + [f"--num_iterations={per_shard[0] + 1}"], tmp_path, monkeypatch)
+    assert "t_000002.bin: token id 50304 >= vocab size" in msg and not os.path.exists(tmp_path / "logs")
+
+def test_tokens_per_second_after_a_resume_count_its_own_steps_and_time(full_run):
+    d, common = full_run
+    r = run_cli(common + ["--resume=logs/full/state_step000003.pt", "--run_id=speed"], d)
+    assert r.returncode == 0, r.stderr
+    full, resumed = open(d / "logs/full.txt").read(), open(d / "logs/speed.txt").read()
+    t_saved = int(re.search(r"^step:3/7 val_loss:\S+ train_time:(\d+)ms", full, re.M)[1])
+    summary = re.search(r"^summary val_loss:\S+ train_time:(\d+)ms tokens_per_s:(\d+)", resumed, re.M)
+    expect = 4 * 1024 / ((int(summary[1]) - t_saved) / 1000)  # steps 4..7 of 1024 tokens, in this process's time
+    assert float(summary[2]) == pytest.approx(expect, rel=0.02, abs=2)
+
+def test_kernel_warmup_restores_every_state_and_is_skipped_without_compile(tmp_path, gpt_files):
+    h = tg.parse_args(gpt_files + TINY + ["--num_iterations=6", "--num_extension_iterations=1", "--ema_decay=0.5"])
+    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
+    loader = tg.TrainLoader(h, 0, 1, torch.device("cpu"))
+    for step in range(3): trainer.train_step(step, loader)  # Adam holds a pending gradient after an odd step count
+    def state():
+        s = {f"model.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
+        s.update({f"opt{i}.{k}": v.clone() for i, g in enumerate(trainer.muon.state() + trainer.adam.state())
+                  for k, v in g.items()})
+        s.update({f"grad{i}": p.grad.clone() for i, p in enumerate(trainer.adam_params) if p.grad is not None})
+        s.update({f"ema{i}": t.clone() for i, t in enumerate(trainer.ema)})
+        s.update(freq=trainer.model.rotary.freq.clone(), cos=trainer.model.rotary.cos.clone(),
+                 scale=torch.tensor(trainer.model.rotary.attn_scale), t=torch.tensor(trainer.adam.t),
+                 loss_sum=trainer.loss_sum.clone())
+        return s
+    before, lines = state(), []
+    trainer.kernel_warmup(5, lines.append)
+    after = state()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert [l.split(":")[0] for l in lines] == ["kernel warmup 1/4", "kernel warmup 2/4", "kernel warmup 3/4",
+                                               "kernel warmup 4/4"]
+    # one phase per window pair of the schedule: thirds of the 5 scheduled steps, then the extension
+    assert [re.search(r"windows (\(\d+, \d+\)), (\d) steps", l).groups() for l in lines] == [
+        ("(1, 3)", "2"), ("(3, 7)", "1"), ("(5, 11)", "1"), ("(6, 13)", "1")]
+    r = run_cli(gpt_files + TINY[:-1] + ["--num_iterations=2", "--num_extension_iterations=1"], tmp_path)
+    assert r.returncode == 0 and "kernel warmup: skipped, nothing is compiled (--compile=0)" in r.stdout, r.stderr
 
 def test_resume_refuses_what_does_not_match(full_run, monkeypatch):
     d, common = full_run
@@ -482,9 +576,9 @@ def full_run(tmp_path_factory, gpt_files):
     assert r.returncode == 0, r.stderr
     return d, common
 
-def test_resume_and_kernel_warmup_match_uninterrupted_run(full_run):
+def test_resume_matches_uninterrupted_run(full_run):
     tmp_path, common = full_run
-    # resume from step 3 (after an odd step count Adam holds a pending gradient), with an untimed kernel warmup
+    # resume from step 3 (after an odd step count Adam holds a pending gradient); --kernel_warmup_steps differs (logged)
     r = run_cli(common + ["--resume=logs/full/state_step000003.pt", "--kernel_warmup_steps=3", "--run_id=resumed"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "changed since it was saved: --kernel_warmup_steps=0 (now 3), --checkpoint_every=3 (now 0)" in r.stdout
