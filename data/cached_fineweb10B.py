@@ -74,7 +74,8 @@ def main():
                 os.remove(path)
             sys.exit(f"error: downloaded {name} is not a valid shard ({problem}); deleted it, rerun to retry")
         downloaded += 1
-    print(f"{len(names)} shards complete in {target} ({downloaded} downloaded, {len(names) - downloaded} already there)")
+    print(f"{len(names)} shards complete in {target} ({downloaded} downloaded, "
+          f"{len(names) - downloaded} already there)")
 
 if __name__ == "__main__":
     main()

@@ -91,7 +91,8 @@ def tokenize(inputs, out_dir, enc, prefix="text", shard_size=10**8, val_tokens=1
     except OSError as e:
         raise TokenizeError(f"--out {out_dir}: not a folder, and none can be made there ({e.strerror})") from None
     if glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}_*.bin")):
-        raise TokenizeError(f"{out_dir} already holds {prefix}_*.bin shards; remove them or choose another --out or --prefix")
+        raise TokenizeError(f"{out_dir} already holds {prefix}_*.bin shards; remove them or choose another --out or "
+                            "--prefix")
 
     written = []  # temporary names, renamed only once every shard is written
     def write(kind, index, tokens):
@@ -133,7 +134,8 @@ def tokenize(inputs, out_dir, enc, prefix="text", shard_size=10**8, val_tokens=1
                 write("train", n_train, buf[:fill])
         if n_train == 0:
             raise TokenizeError("no documents in the inputs" if n_docs == 0 else f"only {n_val:,} tokens in {n_docs} "
-                                f"documents, all for the val shard (--val_tokens {val_tokens:,}): lower --val_tokens or add text")
+                                f"documents, all for the val shard (--val_tokens {val_tokens:,}): lower --val_tokens "
+                                "or add text")
         for path in written:
             os.replace(path + ".tmp", path)
         return written
@@ -147,11 +149,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="text files, .jsonl files or folders of them")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--prefix", default="text", help="shard names: {prefix}_val_000000.bin, {prefix}_train_000001.bin, ...")
+    parser.add_argument("--prefix", default="text",
+                        help="shard names: {prefix}_val_000000.bin, {prefix}_train_000001.bin, ...")
     parser.add_argument("--shard_size", type=int, default=10**8, help="tokens per train shard (default 100M)")
     parser.add_argument("--val_tokens", type=int, default=10_485_761,
-                        help="at least this many tokens in the val shard (default: the 10,485,760 + 1 that train_gpt.py reads)")
-    parser.add_argument("--txt_docs", choices=["file", "paragraph", "line"], default="file", help="documents in a text file")
+                        help="at least this many tokens in the val shard (default: the 10,485,760 + 1 that "
+                        "train_gpt.py reads)")
+    parser.add_argument("--txt_docs", choices=["file", "paragraph", "line"], default="file",
+                        help="documents in a text file")
     parser.add_argument("--encoding", default="gpt2", help="tiktoken encoding name (default gpt2)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1), help="tokenizer processes")
     parser.error = lambda msg: sys.exit(f"error: {msg} (see --help)")  # one line, no usage block
@@ -160,10 +165,12 @@ def main():
     try:
         enc = tiktoken.get_encoding(args.encoding)
     except Exception as e:
-        sys.exit(f"error: cannot load tiktoken encoding {args.encoding!r} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                 "tiktoken fetches its files once: run this where the network is up, or point TIKTOKEN_CACHE_DIR at them")
+        reason = " ".join(str(e).split())[:200]
+        sys.exit(f"error: cannot load tiktoken encoding {args.encoding!r} ({type(e).__name__}: {reason}); tiktoken "
+                 "fetches its files once: run this where the network is up, or point TIKTOKEN_CACHE_DIR at them")
     try:
-        paths = tokenize(args.inputs, args.out, enc, args.prefix, args.shard_size, args.val_tokens, args.workers, args.txt_docs)
+        paths = tokenize(args.inputs, args.out, enc, args.prefix, args.shard_size, args.val_tokens, args.workers,
+                         args.txt_docs)
     except TokenizeError as e:
         sys.exit(f"error: {e}")
     print(f"{len(paths)} shards in {args.out}")

@@ -149,8 +149,8 @@ def read_cifar(log, body):
         except (KeyError, ValueError):
             raise BadInput(f"{log.path}: malformed line {line[:80]!r}: cut short or edited; rerun or remove the log")
     if summary is None or summary != len(log.samples) or not log.samples:
-        raise BadInput(f"{log.path}: cut short ({len(log.samples)} run lines, "
-                       f"{'summary of ' + str(summary) if summary is not None else 'no summary'}): rerun or remove the log")
+        summarized = "no summary" if summary is None else f"summary of {summary}"
+        raise BadInput(f"{log.path}: cut short ({len(log.samples)} run lines, {summarized}): rerun or remove the log")
 
 
 def read_folder(folder):
@@ -194,11 +194,13 @@ class Record:
         self.metric, _, self.side, _ = TRACKS[self.track]
         self.samples = [s for log in self.logs for s in log.samples]
         self.values, self.times = [s[1] for s in self.samples], [s[2] for s in self.samples]
-        self.p = quiet(stats.ttest_1samp, self.values, self.target, alternative=self.side) if len(self.values) > 1 else math.nan
+        self.p = (quiet(stats.ttest_1samp, self.values, self.target, alternative=self.side) if len(self.values) > 1
+                  else math.nan)
         majority = Counter(log.code for log in self.logs).most_common(1)[0][0]
         self.other_code = [log.name for log in self.logs if log.code != majority]
         self.code_hash = hashlib.sha256(majority.encode()).hexdigest()[:12]
-        names = sorted({k for log in self.logs for k in log.config if k not in FREE and not k.endswith(("_files", "_dir"))})
+        names = sorted({k for log in self.logs for k in log.config
+                        if k not in FREE and not k.endswith(("_files", "_dir"))})
         self.config_diff = {k: {log.name: log.config.get(k, "(missing)") for log in self.logs} for k in names
                             if len({log.config.get(k) for log in self.logs}) > 1}
         seen, self.copies = {}, []
@@ -247,12 +249,12 @@ def markdown(r, prev=None):
     lines += [f"| `{label}` | {value:.4f} | {seconds:.3f} |" for label, value, seconds in r.samples]
     side = "below" if r.side == "less" else "above"
     lines += ["",
-              f"- **{r.metric}**: mean {statistics.mean(r.values):.4f}, std {std(r.values):.4f} over {len(r.values)} runs; "
-              f"one-sided one-sample t-test that the mean is {side} {r.target:g}: p = {r.p:.4g} "
+              f"- **{r.metric}**: mean {statistics.mean(r.values):.4f}, std {std(r.values):.4f} over "
+              f"{len(r.values)} runs; one-sided one-sample t-test that the mean is {side} {r.target:g}: p = {r.p:.4g} "
               f"({'meets' if r.p < 0.01 else 'does NOT meet'} p < 0.01)",
               f"- **time**: mean {statistics.mean(r.times):.3f} s, std {std(r.times):.3f} s",
-              "- **code**: " + (f"identical in the {len(r.logs)} log{'s' * (len(r.logs) > 1)} (sha256 {r.code_hash})" if r.same_code else
-                                 f"DIFFERS: {', '.join(r.other_code)} against the other logs"),
+              "- **code**: " + (f"identical in the {len(r.logs)} log{'s' * (len(r.logs) > 1)} (sha256 {r.code_hash})"
+                                 if r.same_code else f"DIFFERS: {', '.join(r.other_code)} against the other logs"),
               f"- **hardware**: {'; '.join(r.hardware)}"]
     for k, values in r.config_diff.items():
         lines.append(f"- **hyperparameter `{k}` differs**: " + ", ".join(f"{n}: {v}" for n, v in values.items()))
@@ -263,10 +265,11 @@ def markdown(r, prev=None):
         lines.append(f"- **vs previous record** `{old.folder}` ({len(old.times)} runs, {r.metric} "
                      f"{statistics.mean(old.values):.4f}): time {statistics.mean(old.times):.3f} s -> "
                      f"{statistics.mean(r.times):.3f} s, difference {diff:+.3f} s "
-                     f"({100 * diff / statistics.mean(old.times):+.2f}%); Welch's t-test, one-sided (new faster): p = {p:.4g}")
+                     f"({100 * diff / statistics.mean(old.times):+.2f}%); Welch's t-test, one-sided (new faster): "
+                     f"p = {p:.4g}")
         if old.hardware != r.hardware:
-            lines.append(f"- **warning**: the previous record's logs come from other hardware ({'; '.join(old.hardware)}): "
-                         "time both on the same machine")
+            lines.append(f"- **warning**: the previous record's logs come from other hardware "
+                         f"({'; '.join(old.hardware)}): time both on the same machine")
     summary = (f"summary runs:{len(r.values)} metric:{r.metric} mean:{statistics.mean(r.values):.4f} "
                f"std:{std(r.values):.4f} p:{r.p:.4g} time_mean:{statistics.mean(r.times):.3f}s "
                f"time_std:{std(r.times):.3f}s same_code:{'yes' if r.same_code else 'no'}")
@@ -325,7 +328,8 @@ def main(argv=None):
     ap.add_argument("--target", type=float, help="target of the t-test (default: the track's, 3.28 / 0.94 / 0.96)")
     ap.add_argument("--track", choices=TRACKS, help="track, when the logs do not tell it")
     ap.add_argument("--compare", metavar="OTHER_FOLDER", help="previous record: time difference and Welch's t-test")
-    ap.add_argument("--table", action="store_true", help="rewrite the records table in README.md from all record folders")
+    ap.add_argument("--table", action="store_true",
+                    help="rewrite the records table in README.md from all record folders")
     ap.add_argument("--check", action="store_true", help="with --table: only check that the table is up to date")
     ap.add_argument("--records_dir", default=os.path.dirname(os.path.abspath(__file__)),
                     help="where the track folders and README.md are (default: this script's folder)")

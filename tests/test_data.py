@@ -92,9 +92,11 @@ def hub():
     h.stop()
 
 def download(tmp_path, endpoint, *args, script=DOWNLOADER):
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("HF_", "HUGGINGFACE_")) and "PROXY" not in k.upper()}
-    env.update(HF_ENDPOINT=endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(tmp_path / "hf_cache"),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1")
+    env = {k: v for k, v in os.environ.items()
+           if not k.upper().startswith(("HF_", "HUGGINGFACE_")) and "PROXY" not in k.upper()}
+    env.update(HF_ENDPOINT=endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf_home"),
+               HF_HUB_CACHE=str(tmp_path / "hf_cache"), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               NO_PROXY="127.0.0.1")
     return subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=60)
 
 def bins(folder):
@@ -146,7 +148,8 @@ def test_server_gone(hub, tmp_path):
         f.truncate(5000)
     line = one_error_line(download(tmp_path, hub.url, "2", "--dir", str(out)))
     assert "fineweb_train_000001.bin" in line
-    assert bins(out) == ["fineweb_val_000000.bin"] and (out / "fineweb_val_000000.bin").read_bytes() == FW["fineweb_val_000000.bin"]
+    assert bins(out) == ["fineweb_val_000000.bin"]
+    assert (out / "fineweb_val_000000.bin").read_bytes() == FW["fineweb_val_000000.bin"]
 
 def test_shard_missing_on_the_hub(hub, tmp_path):
     out = tmp_path / "out"
@@ -173,7 +176,8 @@ def test_edu_set_into_the_default_folder(hub, tmp_path):
     assert bins(out) == sorted(EDU) and all((out / name).read_bytes() == EDU[name] for name in EDU)
     assert all(path.startswith("/datasets/kjj0/finewebedu10B-gpt2/resolve/main/") for _, path, _ in hub.requests)
 
-@pytest.mark.parametrize("args,named", [(["104"], "104"), (["abc"], "abc"), (["-1"], "-1"), (["5", "--set", "fw1B"], "fw1B")])
+@pytest.mark.parametrize("args,named", [(["104"], "104"), (["abc"], "abc"), (["-1"], "-1"),
+                                        (["5", "--set", "fw1B"], "fw1B")])
 def test_bad_arguments(hub, tmp_path, args, named):
     line = one_error_line(download(tmp_path, hub.url, *args, "--dir", str(tmp_path / "out")))
     assert line.startswith("error:") and named in line
@@ -218,7 +222,8 @@ def corpus(tmp_path_factory):
     docs = make_docs(40, 0)
     (d / "a").mkdir()
     (d / "a" / "1.txt").write_text(docs[0], encoding="utf-8")
-    (d / "a" / "2.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs[1:20])) + "\n")
+    (d / "a" / "2.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs[1:20]))
+                                     + "\n")
     with gzip.open(d / "b.jsonl.gz", "wt", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in docs[20:39])
     (d / "c.txt").write_text(docs[39], encoding="utf-8")
@@ -266,7 +271,8 @@ def test_text_file_split_into_documents(enc, tmp_path, mode, sep):
     assert split_docs(read_shard(tmp_path / "out" / "text_train_000001.bin"), enc) == docs
 
 def test_token_id_that_does_not_fit_uint16(plugin_dir, tmp_path):
-    big = tiktoken.Encoding(**runpy.run_path(str(plugin_dir / "tiktoken_ext" / "speedrun_tiny_test.py"))["tiny"](big_id=True))
+    plugin = runpy.run_path(str(plugin_dir / "tiktoken_ext" / "speedrun_tiny_test.py"))
+    big = tiktoken.Encoding(**plugin["tiny"](big_id=True))
     lines = [json.dumps({"text": t}) for t in ["the thin ant " * 20, "banter", "a buzzword", "more"]]
     (tmp_path / "in.jsonl").write_text("\n".join(lines))
     with pytest.raises(tokenize_text.TokenizeError, match=r"in\.jsonl:3: token id 70000 .*65536"):

@@ -18,10 +18,10 @@ import gptdata  # noqa: E402
 import verify  # noqa: E402
 
 STEPS = 4  # validation at steps 0, 2 and 4
-GPT_TINY = ["--train_files=fineweb_train_*.bin", "--val_files=fineweb_val_000000.bin", "--num_layers=2", "--model_dim=64",
-            "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128", "--val_tokens=2048",
-            f"--num_iterations={STEPS}", "--num_extension_iterations=1", "--compile=0", "--kernel_warmup_steps=0",
-            "--val_loss_every=2"]
+GPT_TINY = ["--train_files=fineweb_train_*.bin", "--val_files=fineweb_val_000000.bin", "--num_layers=2",
+            "--model_dim=64", "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128",
+            "--val_tokens=2048", f"--num_iterations={STEPS}", "--num_extension_iterations=1", "--compile=0",
+            "--kernel_warmup_steps=0", "--val_loss_every=2"]
 CIFAR_TINY = ["--data_dir=cifar", "--runs=3", "--compile=0", "--widths=8,16,16", "--batch_size=100", "--epochs=2"]
 
 
@@ -39,7 +39,8 @@ def write_cifar(folder, n=200, seed=0):
 
 @pytest.fixture(scope="session")
 def logs(tmp_path_factory):
-    """Three GPT runs (seeds 1, 2, 3) and one CIFAR log of three runs, made side by side: {"gpt": [...], "cifar": path}."""
+    """Three GPT runs (seeds 1, 2, 3) and one CIFAR log of three runs, made side by side:
+    {"gpt": [...], "cifar": path}."""
     d = tmp_path_factory.mktemp("runs")
     gptdata.write_corpus(d)
     write_cifar(d / "cifar" / "cifar-10-batches-py")
@@ -116,7 +117,7 @@ def test_done_when_three_runs_same_code_and_p_equal_to_scipy(logs, tmp_path):
     assert os.path.basename(logs["gpt"][1]) in r.stdout and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("offset", [10, -10, None])  # target above the mean (passes), below it (fails), the default 3.28
+@pytest.mark.parametrize("offset", [10, -10, None])  # target above the mean (passes), below it (fails), default 3.28
 def test_gpt_statistics_equal_scipy(logs, tmp_path, capsys, offset):
     finals = [gpt_final(p) for p in logs["gpt"]]
     losses, times = [f[0] for f in finals], [f[1] for f in finals]
@@ -126,8 +127,9 @@ def test_gpt_statistics_equal_scipy(logs, tmp_path, capsys, offset):
                                 *([] if offset is None else [f"--target={target!r}"]))
     assert code == (0 if p < 0.01 else 1), out + err
     assert summary(out) == {"runs": "3", "metric": "val_loss", "mean": f"{np.mean(losses):.4f}",
-                            "std": f"{np.std(losses, ddof=1):.4f}", "p": f"{p:.4g}", "time_mean": f"{np.mean(times):.3f}s",
-                            "time_std": f"{np.std(times, ddof=1):.3f}s", "same_code": "yes"}
+                            "std": f"{np.std(losses, ddof=1):.4f}", "p": f"{p:.4g}",
+                            "time_mean": f"{np.mean(times):.3f}s", "time_std": f"{np.std(times, ddof=1):.3f}s",
+                            "same_code": "yes"}
     for path, (loss, _) in zip(logs["gpt"], finals):  # one table row per log
         assert re.search(rf"^\| `{os.path.basename(path)}` \| {loss:.4f} \|", out, re.M)
 
@@ -144,8 +146,9 @@ def test_cifar_statistics_equal_scipy(logs, tmp_path, capsys, offset):
                                 *([] if offset is None else [f"--target={target!r}"]))
     assert code == (0 if p < 0.01 else 1), out + err
     assert summary(out) == {"runs": "3", "metric": "acc", "mean": f"{np.mean(accs):.4f}",
-                            "std": f"{np.std(accs, ddof=1):.4f}", "p": f"{p:.4g}", "time_mean": f"{np.mean(times):.3f}s",
-                            "time_std": f"{np.std(times, ddof=1):.3f}s", "same_code": "yes"}
+                            "std": f"{np.std(accs, ddof=1):.4f}", "p": f"{p:.4g}",
+                            "time_mean": f"{np.mean(times):.3f}s", "time_std": f"{np.std(times, ddof=1):.3f}s",
+                            "same_code": "yes"}
 
 
 def test_other_hyperparameters_or_a_copied_log_refused(logs, tmp_path, capsys):
@@ -237,7 +240,8 @@ def test_compare_with_previous_record_welch(logs, tmp_path, capsys):
     assert (s["time_diff"], s["time_p"]) == (f"{np.mean(times) - np.mean(2 * times):+.3f}s", f"{p:.4g}")
     assert f"p = {p:.4g}" in out and "Welch" in out and code == 0
     code, out, _ = run_verify(capsys, old, "--target=11", "--compare", new)  # slower than the previous: p near 1
-    assert summary(out)["time_p"] == f"{stats.ttest_ind(2 * times, times, equal_var=False, alternative='less').pvalue:.4g}"
+    slower_p = stats.ttest_ind(2 * times, times, equal_var=False, alternative="less").pvalue
+    assert summary(out)["time_p"] == f"{slower_p:.4g}"
 
 
 def test_table_regenerated(logs, tmp_path, capsys):
