@@ -1,7 +1,8 @@
 # GPT-2-small-class speedrun trainer: FineWeb val loss <= 3.28 on 8xH100.
 # Recipe: modded-nanogpt record #43 "Cautious Weight Decay w/ schedule" (2245 steps of 262,144 tokens).
 # Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py [--name=value ...]   (1, 2, 4 or 8 GPUs: same math)
-import contextlib, copy, dataclasses, glob, inspect, math, os, re, signal, subprocess, sys, threading, time, uuid, warnings
+import contextlib, copy, dataclasses, glob, inspect, math, os, re, signal, subprocess, sys, threading, time, uuid
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 import numpy as np
@@ -60,7 +61,7 @@ class Hyperparameters:
     resume: str = ""                    # a state_step*.pt to continue from, saved with the same hyperparameters
     ema_decay: float = 0.0              # weight EMA, evaluated at every validation (ema_val_loss); 0 = off
     ema_warmup: bool = True             # EMA decay min(ema_decay, (1+t)/(10+t)) (TensorFlow/OpenNMT), else ema_decay
-    average_last: int = 0               # average the last K snapshots (one every --checkpoint_every steps): avg_val_loss
+    average_last: int = 0               # average of the last K snapshots (one every checkpoint_every): avg_val_loss
 
 BOS, BLOCK = 50256, 128
 MAGIC, VERSION = 20240520, 1
@@ -77,18 +78,21 @@ def parse_args(argv, cls=Hyperparameters):
         comments = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))  # the field comments
         flags = [f"--{k}={flag_value(v)}" for k, v in dataclasses.asdict(h).items()]
         width = max(map(len, flags))
-        lines = [f"  {flag:<{width}}  {comments.get(f.name, '')}".rstrip() for flag, f in zip(flags, dataclasses.fields(cls))]
+        lines = [f"  {flag:<{width}}  {comments.get(f.name, '')}".rstrip()
+                 for flag, f in zip(flags, dataclasses.fields(cls))]
         print("usage: train_gpt.py [--name=value ...]\n" + "\n".join(lines))
         sys.exit(0)
     i = 0
     while i < len(argv):
-        a = argv[i]; i += 1
+        a = argv[i]
+        i += 1
         name, eq, val = a[2:].partition("=")
         if not a.startswith("--") or name not in fields:
             raise UserError(f"unknown argument {a!r} (see --help for the hyperparameters)")
         if not eq:
             if i == len(argv): raise UserError(f"--{name} needs a value")
-            val = argv[i]; i += 1
+            val = argv[i]
+            i += 1
         default = getattr(h, name)
         try:
             if isinstance(default, bool):
@@ -107,10 +111,11 @@ def parse_args(argv, cls=Hyperparameters):
 LR_SCHEDULES = ("wsd", "cosine", "noam", "warmup", "warmup_decay", "constant")
 
 def lr_schedule(step, h):
-    """Multiplier of every group's base lr (formulas.md §6): S scheduled steps, W warmup steps, floor f = min_lr_frac."""
+    """Multiplier of every group's base lr (formulas.md §6): S scheduled steps, W warmup steps, floor f."""
     S = h.num_iterations - h.num_extension_iterations
     s, W, f = step, h.warmup_steps, h.min_lr_frac
-    if h.lr_schedule == "cosine": return (s + 1) / W if s < W else f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(1, (s - W) / (S - W))))
+    if h.lr_schedule == "cosine":
+        return (s + 1) / W if s < W else f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(1, (s - W) / (S - W))))
     if h.lr_schedule == "noam": return max(f, W ** 0.5 * min((s + 1) ** -0.5, (s + 1) * W ** -1.5))
     if h.lr_schedule == "constant": return 1.0
     if h.lr_schedule in ("warmup", "warmup_decay"):  # DeepSpeed WarmupLR / WarmupDecayLR
@@ -163,8 +168,9 @@ def polar_express(G: Tensor) -> Tensor:
 def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float) -> tuple[Tensor, Tensor, Tensor]:
     """x @ w.T with both operands in e4m3 (scaled by constants); also returns the FP8 operands for backward."""
     xf, wf = (x / x_s).to(torch.float8_e4m3fn), (w / w_s).to(torch.float8_e4m3fn)
-    out = torch._scaled_mm(xf, wf.T, out_dtype=torch.bfloat16, use_fast_accum=True,
-                           scale_a=x.new_tensor(x_s, dtype=torch.float32), scale_b=x.new_tensor(w_s, dtype=torch.float32))
+    scale = lambda v: x.new_tensor(v, dtype=torch.float32)
+    out = torch._scaled_mm(xf, wf.T, out_dtype=torch.bfloat16, use_fast_accum=True, scale_a=scale(x_s),
+                           scale_b=scale(w_s))
     return out, xf, wf
 
 @fp8_mm.register_fake
@@ -176,7 +182,8 @@ def fp8_mm_backward(g: Tensor, xf: Tensor, wf: Tensor, x_s: float, w_s: float, g
     gf = (g / g_s).to(torch.float8_e5m2)
     s = lambda v: g.new_tensor(v, dtype=torch.float32)
     grad_x = torch._scaled_mm(gf, wf.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=s(g_s), scale_b=s(w_s))
-    grad_w = torch._scaled_mm(xf.T.contiguous(), gf.T.contiguous().T, out_dtype=torch.float32, scale_a=s(x_s), scale_b=s(g_s)).T
+    grad_w = torch._scaled_mm(xf.T.contiguous(), gf.T.contiguous().T, out_dtype=torch.float32, scale_a=s(x_s),
+                              scale_b=s(g_s)).T
     return grad_x, grad_w
 
 @fp8_mm_backward.register_fake
@@ -184,7 +191,8 @@ def _(g, xf, wf, x_s, w_s, g_s):
     return g.new_empty(g.size(0), wf.size(1)), g.new_empty(wf.shape, dtype=torch.float32)
 
 def _fp8_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2]); ctx.scales = inputs[2], inputs[3]
+    ctx.save_for_backward(output[1], output[2])
+    ctx.scales = inputs[2], inputs[3]
 
 def _fp8_backward(ctx, grad, *_):
     xf, wf = ctx.saved_tensors
@@ -221,13 +229,15 @@ class Rotary(nn.Module):
 
     def reset(self):
         q = self.head_dim // 4
-        self.freq = torch.cat([(1 / 1024) ** torch.linspace(0, 1, q, dtype=torch.float64), torch.zeros(q, dtype=torch.float64)])
+        self.freq = torch.cat([(1 / 1024) ** torch.linspace(0, 1, q, dtype=torch.float64),
+                               torch.zeros(q, dtype=torch.float64)])
         self.attn_scale, self.ws = 0.1, None
         self._tables()
 
     def _tables(self):
         theta = torch.outer(torch.arange(self.max_len, dtype=torch.float64), self.freq)
-        self.cos.copy_(theta.cos()); self.sin.copy_(theta.sin())
+        self.cos.copy_(theta.cos())
+        self.sin.copy_(theta.sin())
 
     def set_window(self, ws, alpha=1, beta=32):
         if self.ws is not None and ws != self.ws:
@@ -265,7 +275,8 @@ def make_masks(inputs: Tensor, windows, flex: bool):
     any_ = (dist_ >= 0) & (hi[None, :] >= lo[:, None])
     one_doc = (lo == hi)[:, None] & (lo == hi)[None, :] & (lo[:, None] == lo[None, :])
     def ordered(m):  # block-sparse indices: count and the visible kv blocks first, in order
-        return m.sum(-1, dtype=torch.int32)[None, None], m.int().argsort(dim=-1, descending=True, stable=True).int()[None, None]
+        order = m.int().argsort(dim=-1, descending=True, stable=True).int()
+        return m.sum(-1, dtype=torch.int32)[None, None], order[None, None]
     masks = []
     for ws in windows:
         full = (dist_ > 0) & one_doc & (dist_ <= ws - 1)
@@ -352,11 +363,13 @@ class GPT(nn.Module):
         self.smear_gate = CastedLinear(12, 1)
         self.blocks = nn.ModuleList(Block(D, h.num_heads, i not in self.lay["no_attn"], i > 0) for i in range(L))
         self.rotary = Rotary(D // h.num_heads, max_len, dtype)
-        self.lm_head = CastedLinear(D, V, fp8=dtype == torch.bfloat16 and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9))
-        n = 5 * L + 2  # skip weights, block lambdas (2 per layer), value-embedding lambdas (2 per layer), smear, backout
+        fp8 = dtype == torch.bfloat16 and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+        self.lm_head = CastedLinear(D, V, fp8=fp8)
+        n = 5 * L + 2  # skip weights, block lambdas (2 a layer), value-embedding lambdas (2 a layer), smear, backout
         self.scalars = nn.Parameter(torch.cat([torch.full((L,), -1.5), torch.tensor([1.0, 0.0]).repeat(L),
-                                               torch.tensor([0.5, 0.5]).repeat(L), torch.tensor([0.0, 0.5]), torch.zeros(-n % 8)]))
-        for m in self.modules():  # embeddings and linear layers store bf16 (the compute dtype); big matrices and scalars fp32
+                                               torch.tensor([0.5, 0.5]).repeat(L), torch.tensor([0.0, 0.5]),
+                                               torch.zeros(-n % 8)]))
+        for m in self.modules():  # embeddings and linear layers store the compute dtype; big matrices and scalars fp32
             if isinstance(m, (nn.Embedding, nn.Linear)): m.to(dtype)
 
     def forward(self, inputs: Tensor, targets: Tensor, masks, head_chunk=8192):
@@ -406,28 +419,32 @@ class Comm:
         return out, dist.reduce_scatter_tensor(out, full, async_op=True)
 
     def all_gather(self, out, shard):
-        if self.world == 1: out.copy_(shard); return None
+        if self.world == 1:
+            out.copy_(shard)
+            return None
         return dist.all_gather_into_tensor(out, shard.contiguous(), async_op=True)
 
 def decay_rate(u, p, wd, mode):
-    """Weight decay of each entry of p, whose update u gets subtracted (formulas.md §4): cautious = wd only where u already
-    shrinks |p|, decoupled = wd everywhere, l2 (its wd * p joined the gradient) and none = 0."""
+    """Weight decay of each entry of p, whose update u gets subtracted (formulas.md §4): cautious = wd only where u
+    already shrinks |p|, decoupled = wd everywhere, l2 (its wd * p joined the gradient) and none = 0."""
     if mode == "cautious" and wd != 0: return wd * ((u * p) >= 0)
     return wd if mode == "decoupled" else 0.0
 
 class NorMuon:
     """Nesterov momentum -> Polar Express (Q, K, V, O separately) -> NorMuon row/column normalization -> cautious WD."""
-    def __init__(self, params, comm: Comm, lr, beta2, weight_decay, ortho=polar_express, wd_mode="cautious"):  # momentum: per step
-        self.comm, self.lr, self.beta2, self.weight_decay, self.ortho, self.wd_mode = comm, lr, beta2, weight_decay, ortho, wd_mode
+    def __init__(self, params, comm: Comm, lr, beta2, weight_decay, ortho=polar_express, wd_mode="cautious"):
+        self.comm, self.lr, self.beta2, self.weight_decay = comm, lr, beta2, weight_decay  # momentum: given per step
+        self.ortho, self.wd_mode = ortho, wd_mode
         groups = {}
         for kind, p in params: groups.setdefault((kind, tuple(p.shape), p.dtype), []).append(p)
         self.groups = []
         for (kind, shape, dtype), ps in groups.items():
             k = -(-len(ps) // comm.world)  # matrices per rank; the stack is zero-padded to world * k
             mats = (4 * k, shape[0], shape[1] // 4) if kind == "attn" else (k, *shape)
-            red = -1 if shape[0] >= shape[1] else -2  # as the record: the parameter's shape picks the axis, not the view
+            red = -1 if shape[0] >= shape[1] else -2  # as the record: the parameter's shape picks it, not the view
             vshape = (*mats[:-1], 1) if red == -1 else (mats[0], 1, mats[-1])
-            lr_mul = torch.tensor([getattr(ps[i], "lr_mul", 1.0) if i < len(ps) else 0.0 for i in range(comm.rank * k, comm.rank * k + k)])
+            lr_mul = torch.tensor([getattr(ps[i], "lr_mul", 1.0) if i < len(ps) else 0.0
+                                   for i in range(comm.rank * k, comm.rank * k + k)])
             self.groups.append(dict(kind=kind, params=ps, k=k, mats=mats, red=red,
                                     lr_mul=lr_mul.to(ps[0].device).view(-1, *[1] * len(shape)),
                                     mom=torch.zeros(k, *shape, dtype=dtype, device=ps[0].device),
@@ -458,7 +475,7 @@ class NorMuon:
             O = (O * (fro / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))).view(P.shape)
             rows, cols = P.shape[-2:]
             eff_lr = lr * max(1, rows / cols) ** 0.5 * g["lr_mul"]
-            O = O + decay_rate(O, P, wd, self.wd_mode) * P  # weight decay (cautious: only where the update already shrinks |p|)
+            O = O + decay_rate(O, P, wd, self.wd_mode) * P  # cautious: only where the update already shrinks |p|
             new = torch.empty(k * self.comm.world, *P.shape[1:], dtype=P.dtype, device=P.device)
             gathers.append((g, new, self.comm.all_gather(new, (P - eff_lr * O).to(P.dtype))))
         for g, new, work in gathers:
@@ -471,11 +488,14 @@ class NorMuon:
 class DistAdam:
     """Adam with bias correction on row shards; bf16 moments as the record."""
     def __init__(self, params, comm: Comm, lr, betas, eps, weight_decay, wd_mode="cautious"):
-        self.comm, self.lr, self.betas, self.eps, self.weight_decay, self.wd_mode = comm, lr, betas, eps, weight_decay, wd_mode
+        self.comm, self.lr, self.betas, self.eps = comm, lr, betas, eps
+        self.weight_decay, self.wd_mode = weight_decay, wd_mode
         self.params, self.t = params, 0
         for p in params:
-            if p.size(0) % comm.world: raise UserError(f"a parameter of {p.size(0)} rows does not split over {comm.world} ranks")
-        self.m = [torch.zeros(p.size(0) // comm.world, *p.shape[1:], dtype=torch.bfloat16, device=p.device) for p in params]
+            if p.size(0) % comm.world:
+                raise UserError(f"a parameter of {p.size(0)} rows does not split over {comm.world} ranks")
+        self.m = [torch.zeros(p.size(0) // comm.world, *p.shape[1:], dtype=torch.bfloat16, device=p.device)
+                  for p in params]
         self.v = [torch.zeros_like(m) for m in self.m]
 
     @torch.no_grad()
@@ -490,7 +510,8 @@ class DistAdam:
             wd = self.lr * getattr(p, "lr_mul", 1.0) * (lr_mult if wd_mult is None else wd_mult) * self.weight_decay
             shard = p[self.comm.rank * m.size(0):(self.comm.rank + 1) * m.size(0)]
             if self.wd_mode == "l2": g = g + wd * shard
-            m.lerp_(g.to(m.dtype), 1 - b1); v.lerp_(g.square().to(v.dtype), 1 - b2)
+            m.lerp_(g.to(m.dtype), 1 - b1)
+            v.lerp_(g.square().to(v.dtype), 1 - b2)
             upd = m.float() / (v.float().sqrt() + self.eps) * (lr * (1 - b2 ** self.t) ** 0.5 / (1 - b1 ** self.t))
             new = shard.float() * (1 - decay_rate(upd, shard.float(), wd, self.wd_mode)) - upd
             gathers.append(self.comm.all_gather(p, new.to(p.dtype)))
@@ -511,7 +532,8 @@ def read_header(path):
         raise UserError(f"{path}: not a token shard (bad magic/version in the header); re-download or re-tokenize it")
     n, size = int(header[2]), os.path.getsize(path)
     if size != 1024 + 2 * n:
-        raise UserError(f"{path}: {size} bytes, the header promises {1024 + 2 * n} ({n} tokens): truncated or corrupt, re-download it")
+        raise UserError(f"{path}: {size} bytes, the header promises {1024 + 2 * n} ({n} tokens): truncated or corrupt, "
+                        "re-download it")
     return n
 
 def load_shard(path, vocab_size, limit=None):
@@ -538,14 +560,18 @@ def take_slots(tokens, bos, ptr, n_slots, slot_len, max_seq):
             if ptr >= len(bos): return None
             st = bos[ptr]
             en = min(bos[ptr + 1] if ptr + 1 < len(bos) else len(tokens), st + max_seq, st + need)
-            starts.append(st); ends.append(en); need -= en - st; ptr += 1
+            starts.append(st)
+            ends.append(en)
+            need -= en - st
+            ptr += 1
         slots.append((starts, ends))
     return slots, ptr
 
 class TrainLoader:
     """Each step is 8 slots of train_batch_size/8 (+1) tokens, all from one shard; rank r takes slots r, r+world, ..."""
     def __init__(self, h, rank, world, device, file_idx=0, ptr=0, epoch=0):
-        self.files, self.h, self.rank, self.world, self.device = list_files(h.train_files, "train"), h, rank, world, device
+        self.files = list_files(h.train_files, "train")
+        self.h, self.rank, self.world, self.device = h, rank, world, device
         self.slot_len = h.train_batch_size // 8
         self.file_idx, self.ptr, self.epoch = file_idx, ptr, epoch
         self._load(file_idx)
@@ -554,7 +580,9 @@ class TrainLoader:
         self.tokens = load_shard(self.files[idx], self.h.vocab_size) if tokens is None else tokens
         self.bos = np.flatnonzero(self.tokens == BOS)
         self._next = [None]  # load the next shard in the background
-        self._thread = threading.Thread(target=lambda i=(idx + 1) % len(self.files): self._next.__setitem__(0, self._safe_load(i)), daemon=True)
+        following = (idx + 1) % len(self.files)
+        self._thread = threading.Thread(target=lambda: self._next.__setitem__(0, self._safe_load(following)),
+                                        daemon=True)
         self._thread.start()
 
     def _safe_load(self, idx):
@@ -564,7 +592,8 @@ class TrainLoader:
     def _advance(self):
         if self.file_idx + 1 == len(self.files):
             if not self.h.repeat_data:
-                raise UserError(f"train files {self.h.train_files} ran out: download more shards or pass --repeat_data=1")
+                raise UserError(f"train files {self.h.train_files} ran out: download more shards or pass "
+                                "--repeat_data=1")
             self.epoch += 1
         self._thread.join()
         if isinstance(self._next[0], UserError): raise self._next[0]
@@ -575,14 +604,12 @@ class TrainLoader:
         return dict(file_idx=self.file_idx, ptr=self.ptr, epoch=self.epoch)
 
     def next_step(self):
-        """This rank's micro-batches for one step: a list of (inputs int32, targets int64), and all 8 slots' piece lengths."""
+        """This rank's micro-batches for one step, a list of (inputs int32, targets int64), and all 8 slots' piece
+        lengths."""
         for shards_tried in range(len(self.files) + 1):
             out = take_slots(self.tokens, self.bos, self.ptr, 8, self.slot_len, self.h.train_max_seq_len)
             if out is not None: break
-            if shards_tried == len(self.files):  # every shard tried from its start (--repeat_data): none holds one step
-                raise UserError(f"train files {self.h.train_files}: no shard holds one step of BOS-aligned data (8 "
-                                f"slots of {self.slot_len + 1} tokens from documents that start with token {BOS}): use "
-                                "larger shards or a smaller --train_batch_size")
+            if shards_tried == len(self.files): raise no_step_error(self.h)  # each shard tried from its start
             self._advance()
         slots, self.ptr = out
         batches = []
@@ -604,17 +631,24 @@ def check_train_data(h, steps, file_idx=0, ptr=0):
             found, p = found + 1, out[1]
         if found == steps and not h.repeat_data: return
     if found == steps: return
-    what = f"steps of BOS-aligned data (8 slots of {slot_len + 1} tokens from documents that start with token {BOS})"
-    if h.repeat_data: raise UserError(f"train files {h.train_files}: no shard holds one step: they hold 0 {what}")
-    raise UserError(f"train files {h.train_files} hold {found} {what} from where the run starts, it needs {steps}: "
-                    "download more shards or pass --repeat_data=1")
+    if h.repeat_data: raise no_step_error(h)
+    raise UserError(f"train files {h.train_files} hold {found} steps of BOS-aligned data from where the run starts, it "
+                    f"needs {steps}: download more shards or pass --repeat_data=1")
+
+def no_step_error(h):
+    return UserError(f"train files {h.train_files}: no shard holds one step of BOS-aligned data (8 slots of "
+                     f"{h.train_batch_size // 8 + 1} tokens from documents that start with token {BOS}): use larger "
+                     "shards or a smaller --train_batch_size")
 
 def load_val(h):
     tokens, need = [], h.val_tokens + 1
     for f in list_files(h.val_files, "val"):
-        tokens.append(load_shard(f, h.vocab_size, limit=need)); need -= tokens[-1].size
+        tokens.append(load_shard(f, h.vocab_size, limit=need))
+        need -= tokens[-1].size
         if need <= 0: break
-    if need > 0: raise UserError(f"val files {h.val_files} hold {h.val_tokens + 1 - need} tokens; --val_tokens={h.val_tokens} needs {h.val_tokens + 1}")
+    if need > 0:
+        raise UserError(f"val files {h.val_files} hold {h.val_tokens + 1 - need} tokens; --val_tokens={h.val_tokens} "
+                        f"needs {h.val_tokens + 1}")
     return np.concatenate(tokens)
 
 def attention_pairs(lengths, window):
@@ -625,13 +659,30 @@ def attention_pairs(lengths, window):
 # ----------------------------------------------------------------------------------------------------
 # Training
 
+class Clock:
+    """Training time in ms; stopped, after a device sync, for validations, checkpoints and snapshots."""
+    def __init__(self, ms, sync):
+        self.ms, self.sync = ms, sync
+        self.start()
+
+    def start(self):
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def stop(self):
+        self.sync()
+        self.ms += 1000 * (time.perf_counter() - self.t0)
+
+    def now(self):  # running, without a sync (the step lines)
+        return self.ms + 1000 * (time.perf_counter() - self.t0)
+
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 class Trainer:
     def __init__(self, h, rank, world, device):
         self.h, self.rank, self.world, self.device = h, rank, world, device
         self.comm = Comm(rank, world)
-        max_len = max(h.train_batch_size // 8, -(-min(h.val_seq_len, h.val_tokens) // BLOCK) * BLOCK)  # rotary table length
+        max_len = max(h.train_batch_size // 8, -(-min(h.val_seq_len, h.val_tokens) // BLOCK) * BLOCK)  # rotary table
         torch.manual_seed(h.seed)
         # CPU: fp32 compute (bf16 matmuls are ~10x slower than fp32 there), otherwise the same code
         self.model = GPT(h, max_len, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
@@ -640,16 +691,19 @@ class Trainer:
         self.flex = device.type == "cuda"
         self.fwd = torch.compile(self.model, dynamic=False, fullgraph=True) if h.compile else self.model
         m = self.model
-        muon = [("attn", b.attn.qkvo_w) for b in m.blocks if b.attn] + [("mlp", p) for b in m.blocks if b.mlp for p in (b.mlp.c_fc, b.mlp.c_proj)]
+        muon = [("attn", b.attn.qkvo_w) for b in m.blocks if b.attn]
+        muon += [("mlp", p) for b in m.blocks if b.mlp for p in (b.mlp.c_fc, b.mlp.c_proj)]
         muon += [("gate", b.attn.gate.weight) for b in m.blocks if b.attn] + [("gate", m.smear_gate.weight)]
-        for p, mul in [(m.scalars, 5.0), (m.lm_head.weight, 1.0), (m.embed.weight, 75.0)] + [(e.weight, 75.0) for e in m.value_embeds]:
+        lr_muls = [(m.scalars, 5.0), (m.lm_head.weight, 1.0), (m.embed.weight, 75.0)]
+        for p, mul in lr_muls + [(e.weight, 75.0) for e in m.value_embeds]:
             p.lr_mul = mul
         self.adam_params = [m.scalars, m.lm_head.weight, m.embed.weight] + [e.weight for e in m.value_embeds]
         ortho = torch.compile(polar_express, dynamic=False, fullgraph=True) if h.compile else polar_express
         self.muon = NorMuon(muon, self.comm, h.lr, h.beta2, h.weight_decay, ortho, h.wd_mode)
-        self.adam = DistAdam(self.adam_params, self.comm, h.adam_lr, (h.adam_beta1, h.adam_beta2), h.adam_eps, h.adam_weight_decay, h.wd_mode)
+        self.adam = DistAdam(self.adam_params, self.comm, h.adam_lr, (h.adam_beta1, h.adam_beta2), h.adam_eps,
+                             h.adam_weight_decay, h.wd_mode)
         self.muon_params = [p for _, p in muon]
-        self.ema = [p.detach().float().clone() for p in m.parameters()] if h.ema_decay > 0 else None  # fp32 shadow, on the device
+        self.ema = [p.detach().float().clone() for p in m.parameters()] if h.ema_decay > 0 else None  # fp32, on device
         self.snapshots = []  # --average_last: (step, weights in host memory)
         self.loss_sum = torch.zeros((), device=device)  # training loss summed on the device: no host sync in the step
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -708,7 +762,8 @@ class Trainer:
         torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.model.parameters()], 1 - d)
 
     def snapshot(self, step):
-        self.snapshots = (self.snapshots + [(step, [p.detach().to("cpu", copy=True) for p in self.model.parameters()])])[-self.h.average_last:]
+        weights = [p.detach().to("cpu", copy=True) for p in self.model.parameters()]
+        self.snapshots = (self.snapshots + [(step, weights)])[-self.h.average_last:]
 
     def average(self):  # uniform, in fp32
         return [sum(w.float() for w in ws) / len(ws) for ws in zip(*(snap for _, snap in self.snapshots))]
@@ -728,16 +783,18 @@ class Trainer:
         slabs = list(range(0, self.h.val_tokens, S))
         for s in slabs[self.rank::self.world]:
             buf = torch.from_numpy(val[s:min(s + S, self.h.val_tokens) + 1].astype(np.int64)).to(self.device)
-            pad = -(buf.numel() - 1) % BLOCK  # pad to whole blocks; padded targets are ignored and come after the real ones
+            pad = -(buf.numel() - 1) % BLOCK  # whole blocks; the padded targets, after the real ones, are ignored
             inputs = F.pad(buf[:-1], (0, pad)).int()
             targets = F.pad(buf[1:], (0, pad), value=-100)
-            total += self.fwd(inputs, targets, self.model.layer_masks(make_masks(inputs, windows, self.flex)), self.h.val_head_chunk)
+            masks = self.model.layer_masks(make_masks(inputs, windows, self.flex))
+            total += self.fwd(inputs, targets, masks, self.h.val_head_chunk)
         if self.world > 1: dist.all_reduce(total)
         return total.item() / self.h.val_tokens
 
     @torch.no_grad()
     def evaluate_weights(self, step, val, weights):
-        """Val loss with other weights (EMA shadow, checkpoint average) in the model; the live weights are restored. Collective."""
+        """Val loss with other weights (EMA shadow, checkpoint average) in the model, then the live weights again.
+        Collective."""
         live = [p.detach().clone() for p in self.model.parameters()]
         for p, w in zip(self.model.parameters(), weights): p.copy_(w)
         loss = self.evaluate(step, val)
@@ -745,7 +802,8 @@ class Trainer:
         return loss
 
     def val_fields(self, step, val, last):
-        """The key:value fields after val_loss: EMA and (at the end) checkpoint-average val losses, weight norms. Collective."""
+        """The key:value fields after val_loss: EMA and (at the end) checkpoint-average val losses, weight norms.
+        Collective."""
         out = f" ema_val_loss:{self.evaluate_weights(step, val, self.ema):.4f}" if self.ema is not None else ""
         if last and self.snapshots: out += f" avg_val_loss:{self.evaluate_weights(step, val, self.average()):.4f}"
         return out + "".join(f" {k}:{v:.2f}" for k, v in weight_norms(self.model).items())
@@ -754,17 +812,22 @@ class Trainer:
         """World-size independent: optimizer shards are gathered. Collective: every rank calls it."""
         def gather(t):
             if self.world == 1: return t.cpu()
-            out = t.new_empty(t.size(0) * self.world, *t.shape[1:]); dist.all_gather_into_tensor(out, t.contiguous()); return out.cpu()
+            out = t.new_empty(t.size(0) * self.world, *t.shape[1:])
+            dist.all_gather_into_tensor(out, t.contiguous())
+            return out.cpu()
         muon = [{k: gather(v)[:len(g["params"]) * (4 if g["kind"] == "attn" and k == "v" else 1)] for k, v in s.items()}
                 for g, s in zip(self.muon.groups, self.muon.state())]
         pending = []
         for p in self.adam_params:  # gradients that Adam has accumulated but not yet used (after an even step)
-            if p.grad is None: pending.append(None); continue
+            if p.grad is None:
+                pending.append(None)
+                continue
             g = p.grad.clone()
             if self.world > 1: dist.all_reduce(g)
             pending.append(g.cpu())
         return dict(model={k: v.cpu() for k, v in self.model.state_dict().items()}, muon=muon,
-                    adam=[{k: gather(v) for k, v in s.items()} for s in self.adam.state()], adam_t=self.adam.t, adam_pending=pending,
+                    adam=[{k: gather(v) for k, v in s.items()} for s in self.adam.state()], adam_t=self.adam.t,
+                    adam_pending=pending,
                     ema=None if self.ema is None else [t.cpu() for t in self.ema], snapshots=self.snapshots)
 
     def load_state_dict(self, sd):
@@ -781,17 +844,20 @@ class Trainer:
         for p, g in zip(self.adam_params, sd["adam_pending"]):  # rank 0 holds the summed pending gradient
             p.grad = None if g is None else (g.to(p.device) if self.rank == 0 else torch.zeros_like(p))
         if self.ema is not None:  # a checkpoint without a shadow starts it from its weights
-            self.ema = [t.to(self.device) for t in sd["ema"]] if sd.get("ema") else [p.detach().float().clone() for p in self.model.parameters()]
+            live = [p.detach().float().clone() for p in self.model.parameters()]
+            self.ema = [t.to(self.device) for t in sd["ema"]] if sd.get("ema") else live
         self.snapshots = sd.get("snapshots", [])[-self.h.average_last:] if self.h.average_last else []
 
 def weight_norms(model):
-    """wnorm: global L2 norm of the weights; wnorm_{attn,mlp,embed,head,scalars}: per group (smear gate with the scalars)."""
+    """wnorm: global L2 norm of the weights; wnorm_{attn,mlp,embed,head,scalars}: per group (smear gate: scalars)."""
     sq = dict.fromkeys(("attn", "mlp", "embed", "head", "scalars"), 0.0)
-    for name, p in model.named_parameters(): sq[next((g for g in sq if g in name), "scalars")] += p.detach().double().square().sum().item()
+    for name, p in model.named_parameters():
+        sq[next((g for g in sq if g in name), "scalars")] += p.detach().double().square().sum().item()
     return {"wnorm": math.sqrt(sum(sq.values())), **{f"wnorm_{g}": math.sqrt(v) for g, v in sq.items()}}
 
 def environment(h, world):
-    lines = [f"Running Python {sys.version}", f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
+    lines = [f"Running Python {sys.version}",
+             f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
     try:
         import triton
         lines.append(f"Running Triton version {triton.__version__}")
@@ -823,7 +889,7 @@ def validate(h, world):
     if h.lr_schedule in ("warmup", "warmup_decay"): need_w = 2 if h.warmup_type == "log" else 1
     checks = [
         (8 % world == 0, f"world size {world} does not divide 8: use 1, 2, 4 or 8 processes"),
-        (h.train_batch_size % (8 * BLOCK) == 0, f"--train_batch_size={h.train_batch_size}: use a multiple of {8 * BLOCK}"),
+        (h.train_batch_size % (8 * BLOCK) == 0, f"--train_batch_size={h.train_batch_size}: use a multiple of 1024"),
         (0 < S, "--num_extension_iterations must be smaller than --num_iterations"),
         (h.model_dim % h.num_heads == 0 and (h.model_dim // h.num_heads) % 4 == 0,
          "--model_dim must be --num_heads times a multiple of 4"),
@@ -833,12 +899,13 @@ def validate(h, world):
          f"--ws_schedule={flag_value(h.ws_schedule)}: give one or more windows >= 1 (in 128-token blocks)"),
         (h.lr_schedule in LR_SCHEDULES, f"--lr_schedule={h.lr_schedule}: use one of {', '.join(LR_SCHEDULES)}"),
         (h.warmup_type in ("log", "linear"), f"--warmup_type={h.warmup_type}: use log or linear"),
-        (h.warmup_steps >= need_w, f"--lr_schedule={h.lr_schedule} needs --warmup_steps >= {need_w}, not {h.warmup_steps}"),
+        (h.warmup_steps >= need_w, f"--lr_schedule={h.lr_schedule} needs --warmup_steps >= {need_w}"),
         (h.lr_schedule not in ("cosine", "warmup_decay") or h.warmup_steps < S,
          f"--warmup_steps={h.warmup_steps} must be below the {S} scheduled steps for --lr_schedule={h.lr_schedule}"),
-        (h.wd_mode in ("cautious", "decoupled", "l2", "none"), f"--wd_mode={h.wd_mode}: use cautious, decoupled, l2, none"),
+        (h.wd_mode in ("cautious", "decoupled", "l2", "none"),
+         f"--wd_mode={h.wd_mode}: use cautious, decoupled, l2 or none"),
         (h.wd_schedule in ("lr", "constant"), f"--wd_schedule={h.wd_schedule}: use lr or constant"),
-        (h.average_last == 0 or h.checkpoint_every > 0, "--average_last needs --checkpoint_every > 0 (snapshot interval)"),
+        (h.average_last == 0 or h.checkpoint_every > 0, "--average_last needs --checkpoint_every > 0 (their interval)"),
         (h.run_id == "" or (re.fullmatch(r"[\w.-]+", h.run_id) and h.run_id not in (".", "..")),
          f"--run_id={h.run_id}: use a plain file name (letters, digits, '.', '_', '-'); the log is logs/<run_id>.txt"),
         (not h.resume or os.path.isfile(h.resume), f"--resume={h.resume}: no such file")]
@@ -943,38 +1010,38 @@ def main(argv):
     n_attn = {"short": 0, "long": 0}
     for i, b in enumerate(trainer.model.blocks):
         if b.attn: n_attn["long" if i in trainer.model.lay["long"] else "short"] += 1
-    total_flops, val_loss, resumed_ms, last_val = 0.0, float("nan"), train_ms, start
-    sync = trainer.sync
-    sync(); t0 = time.perf_counter()
+    total_flops, val_loss, last_val = 0.0, float("nan"), start
+    clock = Clock(train_ms, trainer.sync)
     for step in range(start, h.num_iterations + 1):
         last = step == h.num_iterations
         progress["at"] = f"at step {step} of {h.num_iterations}"
         if h.average_last and step > start and (last or step % h.checkpoint_every == 0):  # untimed, like a checkpoint
-            sync(); train_ms += 1000 * (time.perf_counter() - t0)
+            clock.stop()
             trainer.snapshot(step)
-            sync(); t0 = time.perf_counter()
+            clock.start()
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
-            sync(); train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
+            clock.stop()
             train_loss, diverged = trainer.train_loss(step - last_val) if step > last_val else None, None
             if train_loss is not None and not math.isfinite(train_loss):
                 diverged = f"the training loss became non-finite between steps {last_val + 1} and {step}"
             else:
                 val_loss, last_val = trainer.evaluate(step, val), step
-                log(f"step:{step}/{h.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
-                    f"step_avg:{train_ms / max(step, 1):.2f}ms"
-                    + (f" train_loss:{train_loss:.4f}" if train_loss is not None else "") + trainer.val_fields(step, val, last))
-                if not math.isfinite(val_loss): diverged = f"the val loss is non-finite at step {step}: weights diverged"
+                log(f"step:{step}/{h.num_iterations} val_loss:{val_loss:.4f} train_time:{clock.ms:.0f}ms "
+                    f"step_avg:{clock.ms / max(step, 1):.2f}ms"
+                    + (f" train_loss:{train_loss:.4f}" if train_loss is not None else "")
+                    + trainer.val_fields(step, val, last))
+                if not math.isfinite(val_loss): diverged = f"the val loss is non-finite at step {step}: it diverged"
             if diverged:
                 log(f"step:{step}/{h.num_iterations} stopped: {diverged}")
                 raise UserError(f"{diverged} (see {logfile}): lower --lr or --adam_lr")
-            sync(); t0 = time.perf_counter()
+            clock.start()
         if h.save_checkpoint and (last or (h.checkpoint_every > 0 and step > start and step % h.checkpoint_every == 0)):
-            sync(); train_ms += 1000 * (time.perf_counter() - t0)
+            clock.stop()
             sd = trainer.state_dict()
             if master:
                 os.makedirs(f"logs/{run_id}", exist_ok=True)
                 path = f"logs/{run_id}/state_step{step:06d}.pt"
-                save_checkpoint(dict(sd, step=step, train_ms=train_ms, loader=loader.state(),
+                save_checkpoint(dict(sd, step=step, train_ms=clock.ms, loader=loader.state(),
                                      hyperparameters=dataclasses.asdict(h)), path)
                 log(f"checkpoint: {path}")
                 progress["saved"] = f"last checkpoint {path} (continue with --resume={path})"
@@ -983,27 +1050,31 @@ def main(argv):
                     path = f"logs/{run_id}/average_step{step:06d}.pt"
                     save_checkpoint(dict(model=dict(zip(names, trainer.average())), steps=steps), path)
                     log(f"checkpoint average: {path} (steps {','.join(map(str, steps))})")
-            sync(); t0 = time.perf_counter()
+            clock.start()
         if last: break
         epoch = loader.epoch
-        (short, long), lengths = trainer.train_step(step, loader)
-        if loader.epoch != epoch: log(f"train data: the files ran out at step {step}; pass {loader.epoch + 1} over them starts (--repeat_data=1)")
-        pairs = {"short": sum(attention_pairs(l, short * BLOCK) for l in lengths), "long": sum(attention_pairs(l, long * BLOCK) for l in lengths)}
+        windows, lengths = trainer.train_step(step, loader)
+        if loader.epoch != epoch:
+            log(f"train data: the files ran out at step {step}; pass {loader.epoch + 1} over them starts "
+                "(--repeat_data=1)")
+        pairs = {kind: sum(attention_pairs(piece_lengths, ws * BLOCK) for piece_lengths in lengths)
+                 for kind, ws in zip(("short", "long"), windows)}
         total_flops += flops_token * h.train_batch_size + 12 * h.model_dim * sum(n_attn[k] * pairs[k] for k in pairs)
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        elapsed = clock.now()
         log(f"step:{step + 1}/{h.num_iterations} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
 
     if device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        allocated, reserved = torch.cuda.max_memory_allocated() // 2**20, torch.cuda.max_memory_reserved() // 2**20
+        log(f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB")
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     else:
         log("peak memory allocated: 0 MiB reserved: 0 MiB")
         peak = None
-    seconds = max((train_ms - resumed_ms) / 1000, 1e-9)  # this process's steps and time (after a resume too)
+    seconds = max((clock.ms - train_ms) / 1000, 1e-9)  # this process's steps and time (after a resume too)
     tokens_per_s = (h.num_iterations - start) * h.train_batch_size / seconds
     mfu = f"{100 * total_flops / seconds / (peak * world):.1f}%" if peak else "n/a"
-    log(f"summary val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms tokens_per_s:{tokens_per_s:.0f} mfu:{mfu}"
+    log(f"summary val_loss:{val_loss:.4f} train_time:{clock.ms:.0f}ms tokens_per_s:{tokens_per_s:.0f} mfu:{mfu}"
         + (f" mfu_peak_tflops:{peak / 1e12:.0f}" if peak else ""))
     if world > 1: dist.destroy_process_group()
 

@@ -381,6 +381,8 @@ def test_loader_that_can_make_no_progress_says_so(tmp_path, gpt_files):
             "--num_extension_iterations=1"]
     line = one_line_error(run_cli(args, tmp_path, timeout=120))  # it used to spin forever
     assert "nobos_*.bin: no shard holds one step of BOS-aligned data" in line
+    loader = tg.TrainLoader(tg.parse_args(args), 0, 1, torch.device("cpu"))  # the loader itself, past the early check
+    with pytest.raises(tg.UserError, match="no shard holds one step"): loader.next_step()
 
 def test_non_finite_loss_stops_at_the_first_validation_after_it(tmp_path, gpt_files):
     args = ["--num_iterations=12", "--num_extension_iterations=1", "--val_loss_every=1", "--lr=1e9", "--run_id=nan"]
@@ -396,7 +398,7 @@ def test_non_finite_loss_stops_at_the_first_validation_after_it(tmp_path, gpt_fi
     assert all(math.isfinite(v) for step in range(s) for v in vals[step])  # finite up to the step before the stop
     # the head starts at zero and Adam first moves it after step 2: the first two steps predict uniformly
     assert vals[1][1] == vals[2][1] == round(math.log(50304), 4)
-    if stop[2] == f"the val loss is non-finite at step {s}: weights diverged": assert math.isnan(vals[s][0])
+    if stop[2] == f"the val loss is non-finite at step {s}: it diverged": assert math.isnan(vals[s][0])
     else: assert stop[2] == f"the training loss became non-finite between steps {s} and {s}" and s not in vals
 
 def test_a_log_write_that_fails_ends_with_one_line(tmp_path, gpt_files):
