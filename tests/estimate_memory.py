@@ -1,0 +1,216 @@
+"""Peak memory of one record-size training step of train_gpt.py on one rank of 8, estimated on a CPU.
+
+    python tests/estimate_memory.py
+
+Nothing is allocated: the model, the optimizers and the step run on FakeTensorMode tensors (shapes and dtypes only),
+and torch's MemTracker (torch.distributed._tools.mem_tracker) adds up the bytes of the storages alive after every
+operator. What runs is the real code: Trainer(h, rank=0, world=8) with the default Hyperparameters (12 layers, width
+768, a slot of 32,768 tokens, vocab 50304) and two train_step calls (the second one also runs Adam, on gradients
+accumulated over both steps), with the choices Trainer and GPT make on an H100: bf16 model, FlexAttention BlockMasks,
+FP8 head. The step runs eagerly (no torch.compile). To make that possible on a CPU build of torch, and nothing else:
+- the tensors are fake CPU tensors (a CPU build cannot index a fake CUDA tensor), so GPT gets the dtype Trainer picks
+  on CUDA (bf16), Trainer.flex and lm_head.fp8 are set as on an H100, and the GPT is built on the meta device (a module
+  built under FakeTensorMode cannot be cast with .to);
+- FlexAttention's check that refuses a backward on CPU is skipped, and its eager wrapper calls the operator directly,
+  whose fake implementation allocates what the CUDA kernel returns (out, logsumexp) and, in backward, dq, dk, dv;
+- F.rms_norm, which a CPU decomposes into fp32 operators, runs as an autograd function that keeps for backward what
+  CUDA's fused kernel keeps (the input and one fp32 number per row);
+- the collectives are replaced by stand-ins that move no data and keep their tensors alive until wait(), as NCCL does.
+"""
+import contextlib, dataclasses, os, sys
+from unittest import mock
+
+import torch
+
+REFERENCE_PEAK_MIB = 29248  # shared/reference/modded_nanogpt.md §1.0: record #43, peak allocated per GPU (8xH100)
+REFERENCE_RESERVED_MIB = 50528
+WORLD = 8
+GB = 1e9
+
+LEFT_OUT = """left out of the estimate:
+- torch.compile: the compiled graph fuses pointwise chains (rms_norm, rotary, relu^2, the softcap and the cross-entropy)
+  and its partitioner keeps fewer tensors for backward, recomputing cheap ones: the compiled peak is likely lower
+- FlexAttention's compiled kernels: their workspace is not modelled (the operator's outputs and gradients are)
+- the FP8 head's kernels: _scaled_mm's internals and the scaled bf16 copies inside fp8_mm / fp8_mm_backward (only the
+  operator's outputs count: bf16 logits, e4m3 copies of x and W, and in backward grad_x bf16 and grad_w fp32)
+- the caching allocator: rounding to 512-byte blocks (negligible here), fragmentation and cached free blocks, which is
+  what "reserved" adds (the reference reserved 50,528 MiB for its 29,248 MiB allocated)
+- NCCL's own buffers and the CUDA context (outside torch's allocator); the Polar Express kernels' workspace
+- main() around the step: the untimed kernel warmup keeps a deepcopy of weights and optimizer state (printed above),
+  validation (262,144 tokens per forward, no grad), --ema_decay and --average_last state"""
+
+
+class Work:
+    """An asynchronous collective: no data moves, its tensors stay alive until wait() as NCCL keeps them."""
+    def __init__(self, *tensors):
+        self.tensors = tensors
+
+    def wait(self):
+        self.tensors = None
+
+
+class NoCollectives:
+    """Stands for torch.distributed in train_gpt: the output shapes and lifetimes of NCCL's collectives, no data."""
+    def broadcast(self, tensor, src):
+        return None
+
+    def reduce_scatter_tensor(self, out, full, async_op):
+        return Work(out, full)
+
+    def all_gather_into_tensor(self, out, shard, async_op):
+        return Work(out, shard)
+
+
+class FusedRMSNorm(torch.autograd.Function):
+    """F.rms_norm as CUDA runs it (aten._fused_rms_norm, one kernel each way): backward keeps the input and one fp32
+    reciprocal RMS per row. On a CPU, F.rms_norm decomposes into fp32 operators whose backward keeps an fp32 copy of
+    the input (3.2 GB more at the peak of the record-size step)."""
+    @staticmethod
+    def forward(ctx, x):
+        accumulate = torch.promote_types(x.dtype, torch.float32)
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=accumulate).square() / x.size(-1)
+        rstd = torch.rsqrt(mean_square + torch.finfo(x.dtype).eps)
+        ctx.save_for_backward(x, rstd)
+        return x * rstd.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd = ctx.saved_tensors
+        x_hat = x * rstd.to(x.dtype)
+        return (grad - x_hat * (grad * x_hat).mean(-1, keepdim=True)) * rstd.to(x.dtype)
+
+
+class OneSlotLoader:
+    """next_step() of TrainLoader on rank 0 of 8: one slot of fake tokens (their values do not matter to memory)."""
+    def __init__(self, slot_len, vocab_size):
+        self.slot_len, self.vocab_size = slot_len, vocab_size
+
+    def next_step(self):
+        buf = torch.randint(0, self.vocab_size, (self.slot_len + 1,), dtype=torch.int32)
+        return [(buf[:-1], buf[1:].long())], []
+
+
+def step_tracker():
+    """A MemTracker that lets flex_attention through and records the peak of each phase of the step."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class StepTracker(MemTracker):
+        supports_higher_order_operators = True  # higher-order operators pass on to the fake mode below it
+
+        def __init__(self):
+            super().__init__()
+            self.phase, self.phase_peaks, self.peak_phase = "setup", {}, None
+
+        def _update_peak_stats(self, peak_state):
+            # the peak overall and per phase; MemTracker's per-module peaks (40% of the run time) are not kept
+            for device, snapshot in self._curr_mem_snap.items():
+                now = snapshot["Total"]
+                self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), now)
+                if now > self._peak_mem.get(device, 0):
+                    self._peak_mem[device], self._peak_mem_snap[device] = now, dict(snapshot)
+                    self.peak_phase = self.phase
+
+        def entering(self, phase, function):
+            """function, run in the named phase."""
+            def run(*args, **kwargs):
+                self.phase = phase
+                return function(*args, **kwargs)
+            return run
+    return StepTracker()
+
+
+def by_name(snapshot):
+    """Bytes of a MemTracker snapshot (one device) by category name, with 'Total'."""
+    (per_device,) = snapshot.values()
+    return {str(getattr(key, "value", key)): value for key, value in per_device.items()}
+
+
+def optimizer_state(trainer):
+    """The tensors NorMuon and DistAdam keep between steps on this rank."""
+    return [t for state in trainer.muon.state() + trainer.adam.state() for t in state.values()]
+
+
+def estimate(h=None, steps=2):
+    """Run `steps` training steps on fake tensors; return the peak, its breakdown and each phase's peak, in bytes."""
+    import torch.nn.attention.flex_attention as flex_module
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+    import train_gpt as tg
+
+    h = dataclasses.replace(h or tg.Hyperparameters(), compile=False)
+    real_gpt = tg.GPT
+
+    def gpt_on_meta(hyper, max_len, dtype):  # the dtype Trainer picks on CUDA
+        with unset_fake_temporarily(), torch.device("meta"):
+            return real_gpt(hyper, max_len, torch.bfloat16)
+
+    patches = [mock.patch.object(tg, "GPT", gpt_on_meta), mock.patch.object(tg, "dist", NoCollectives()),
+               mock.patch.object(tg, "norm", FusedRMSNorm.apply),
+               mock.patch.object(flex_module, "_validate_device", lambda *tensors: None),
+               mock.patch.object(flex_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)]
+    # non-fake inputs: the meta-device model is the input of Trainer's .to(device)
+    with contextlib.ExitStack() as stack, FakeTensorMode(allow_non_fake_inputs=True):
+        for patch in patches:
+            stack.enter_context(patch)
+        trainer = tg.Trainer(h, 0, WORLD, torch.device("cpu"))
+        trainer.flex = True
+        trainer.model.lm_head.fp8 = True
+        loader = OneSlotLoader(h.train_batch_size // 8, h.vocab_size)
+        tracker = step_tracker()
+        tracker.track_external(trainer.model, *optimizer_state(trainer))
+        muon_step, adam_step = trainer.muon.step, trainer.adam.step
+        with tracker:
+            for step in range(steps):
+                tracker.reset_mod_stats()
+                trainer.fwd = tracker.entering(f"step {step} forward", trainer.model)
+                loss_backward = tracker.entering(f"step {step} backward", torch.Tensor.backward)
+                trainer.muon.step = tracker.entering(f"step {step} NorMuon", muon_step)
+                trainer.adam.step = tracker.entering(f"step {step} Adam", adam_step)
+                tracker.phase = f"step {step} batch and masks"
+                with mock.patch.object(torch.Tensor, "backward", loss_backward):
+                    trainer.train_step(step, loader)
+                tracker.phase = f"after step {step}"
+                tracker.phase_peaks[tracker.phase] = by_name(tracker.get_tracker_snapshot("current"))["Total"]
+        params = list(trainer.model.parameters())
+        result = dict(peak=by_name(tracker.get_tracker_snapshot("peak")), peak_phase=tracker.peak_phase,
+                      phase_peaks=tracker.phase_peaks, weights=sum(p.nbytes for p in params),
+                      optimizer_state=sum(t.nbytes for t in optimizer_state(trainer)),
+                      buffers=sum(b.nbytes for b in trainer.model.buffers()),
+                      adam_grads_after=sum(p.grad.nbytes for p in trainer.adam_params if p.grad is not None),
+                      params=sum(p.numel() for p in params))
+    return result
+
+
+def report(result):
+    peak = result["peak"]
+    lines = [f"train_gpt.py, default Hyperparameters, rank 0 of {WORLD}: one slot of 32,768 tokens per step, bf16, "
+             "FlexAttention, FP8 head, eager, on fake tensors",
+             f"parameters: {result['params']:,}",
+             f"estimated peak allocated: {peak['Total'] / GB:.2f} GB ({peak['Total'] / 2**20:,.0f} MiB), "
+             f"in {result['peak_phase']}",
+             "at the peak, by MemTracker's category (Other: the optimizer state; Activation: the forward's tensors; "
+             "Temp: backward's):"]
+    lines += [f"  {name:<10} {value / GB:6.2f} GB" for name, value in peak.items() if name != "Total" and value > 0]
+    lines += [f"weights {result['weights'] / GB:.2f} GB, their gradients {result['weights'] / GB:.2f} GB once "
+              f"backward is done, optimizer state {result['optimizer_state'] / GB:.2f} GB, rotary tables "
+              f"{result['buffers'] / GB:.2f} GB",
+              "peak allocated in each phase:"]
+    lines += [f"  {phase:<28} {value / GB:6.2f} GB" for phase, value in result["phase_peaks"].items()
+              if phase != "setup"]
+    warmup_copy = result["weights"] + result["optimizer_state"]
+    reference = REFERENCE_PEAK_MIB * 2**20
+    lines += [f"main()'s kernel warmup also holds a deepcopy of the weights and the optimizer state: "
+              f"+{warmup_copy / GB:.2f} GB during the warmup steps",
+              f"reference (shared/reference/modded_nanogpt.md, record #43, compiled, 8xH100): peak allocated "
+              f"{REFERENCE_PEAK_MIB:,} MiB = {reference / GB:.1f} GB, reserved {REFERENCE_RESERVED_MIB:,} MiB per GPU; "
+              f"this estimate is {peak['Total'] / reference:.2f} x the reference's peak allocated",
+              LEFT_OUT]
+    return "\n".join(lines)
+
+
+def main():
+    print(report(estimate()))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
