@@ -32,9 +32,9 @@ class Hyperparameters:
     warmup_type: str = "log"            # warmup of the warmup and warmup_decay schedules: log or linear (DeepSpeed)
     val_loss_every: int = 250           # steps between validations; 0 = only at the end
     vocab_size: int = 50304             # embedding and head rows (GPT-2's 50257 padded to a multiple of 128)
-    model_dim: int = 768
-    num_layers: int = 12
-    num_heads: int = 6
+    model_dim: int = 768                # residual stream width
+    num_layers: int = 12                # blocks (layout() scales the record's 12-block structure)
+    num_heads: int = 6                  # attention heads of model_dim / num_heads dimensions
     ws_schedule: tuple = (3, 7, 11)     # long attention window (128-token blocks) in equal parts of the scheduled steps
     ws_extension: int = 13              # long window in the extension steps
     ws_validate: int = 20               # long window at the final validation (no YaRN update)
@@ -48,10 +48,10 @@ class Hyperparameters:
     wd_mode: str = "cautious"           # NorMuon and Adam: cautious (the record) | decoupled | l2 | none
     wd_schedule: str = "lr"             # lr: lambda_t = wd * lr_t (the record) | constant: lambda = wd * peak lr
     adam_lr: float = 0.008              # Adam (embeddings, head, scalars), times each parameter's lr_mul
-    adam_beta1: float = 0.65
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    adam_weight_decay: float = 0.0
+    adam_beta1: float = 0.65            # Adam first-moment decay
+    adam_beta2: float = 0.95            # Adam second-moment decay
+    adam_eps: float = 1e-8              # added to Adam's sqrt(v), outside the square root
+    adam_weight_decay: float = 0.0      # Adam groups' decay, by --wd_mode and --wd_schedule as NorMuon's
     kernel_warmup_steps: int = 30       # untimed steps that compile and warm kernels; state is restored after
     compile: bool = True                # torch.compile the model and Polar Express
     seed: int = 0                       # initial weights

@@ -337,6 +337,8 @@ def test_cli_help_and_parsing():
     printed = re.findall(r"^  --(\w+)=(\S*)", r.stdout, re.M)
     defaults = tg.Hyperparameters()
     assert [name for name, _ in printed] == [f.name for f in dataclasses.fields(tg.Hyperparameters)]
+    described = re.findall(r"^  --\w+=\S* +(\S.*)$", r.stdout, re.M)  # the field's one-line meaning after the flag
+    assert len(described) == len(printed) and "validation covers exactly this many target tokens" in r.stdout
     for name, value in printed:  # every default is printed in a form the parser reads back to the same value
         assert getattr(tg.parse_args([f"--{name}={value}"]), name) == getattr(defaults, name), name
     h = tg.parse_args(["--num_layers", "3", "--lr=0.1", "--compile=0", "--ws_schedule=1,2", "--train_files=a*.bin"])
@@ -415,7 +417,8 @@ def test_a_log_write_that_fails_ends_with_one_line(tmp_path, gpt_files):
 
 def test_a_rerun_never_touches_an_existing_log_and_failed_starts_leave_none(tmp_path, gpt_files):
     args = gpt_files + TINY + ["--num_iterations=2", "--num_extension_iterations=1", "--run_id=done"]
-    assert run_cli(args, tmp_path).returncode == 0
+    r = run_cli(args + ["--kernel_warmup_steps=30"], tmp_path)
+    assert r.returncode == 0 and "kernel warmup: skipped, nothing is compiled (--compile=0)" in r.stdout, r.stderr
     finished = (tmp_path / "logs/done.txt").read_text()
     assert "summary val_loss:" in finished
     assert "logs/done.txt exists" in one_line_error(run_cli(args, tmp_path))  # a real second run with the same id
@@ -468,11 +471,9 @@ def test_train_data_is_checked_before_the_first_step(tmp_path, gpt_files, monkey
     msg = main_error(args + [f"--num_iterations={per_shard[0] + 1}"], tmp_path, monkeypatch)
     assert "t_000002.bin: token id 50304 >= vocab size" in msg and not os.path.exists(tmp_path / "logs")
 
-def test_tokens_per_second_after_a_resume_count_its_own_steps_and_time(full_run):
-    d, common = full_run
-    r = run_cli(common + ["--resume=logs/full/state_step000003.pt", "--run_id=speed"], d)
-    assert r.returncode == 0, r.stderr
-    full, resumed = open(d / "logs/full.txt").read(), open(d / "logs/speed.txt").read()
+def test_tokens_per_second_after_a_resume_count_its_own_steps_and_time(full_run, resumed_run):
+    d = full_run[0]
+    full, resumed = open(d / "logs/full.txt").read(), open(d / "logs/resumed.txt").read()
     t_saved = int(re.search(r"^step:3/7 val_loss:\S+ train_time:(\d+)ms", full, re.M)[1])
     summary = re.search(r"^summary val_loss:\S+ train_time:(\d+)ms tokens_per_s:(\d+)", resumed, re.M)
     expect = 4 * 1024 / ((int(summary[1]) - t_saved) / 1000)  # steps 4..7 of 1024 tokens, in this process's time
@@ -502,8 +503,7 @@ def test_kernel_warmup_restores_every_state_and_is_skipped_without_compile(tmp_p
     # one phase per window pair of the schedule: thirds of the 5 scheduled steps, then the extension
     assert [re.search(r"windows (\(\d+, \d+\)), (\d) steps", l).groups() for l in lines] == [
         ("(1, 3)", "2"), ("(3, 7)", "1"), ("(5, 11)", "1"), ("(6, 13)", "1")]
-    r = run_cli(gpt_files + TINY[:-1] + ["--num_iterations=2", "--num_extension_iterations=1"], tmp_path)
-    assert r.returncode == 0 and "kernel warmup: skipped, nothing is compiled (--compile=0)" in r.stdout, r.stderr
+    # the CLI side: in test_a_rerun_never_touches_an_existing_log_and_failed_starts_leave_none
 
 def test_resume_refuses_what_does_not_match(full_run, monkeypatch):
     d, common = full_run
@@ -579,12 +579,18 @@ def full_run(tmp_path_factory, gpt_files):
     assert r.returncode == 0, r.stderr
     return d, common
 
-def test_resume_matches_uninterrupted_run(full_run):
-    tmp_path, common = full_run
-    # resume from step 3 (after an odd step count Adam holds a pending gradient); --kernel_warmup_steps differs (logged)
-    r = run_cli(common + ["--resume=logs/full/state_step000003.pt", "--kernel_warmup_steps=3", "--run_id=resumed"], tmp_path)
+@pytest.fixture(scope="module")
+def resumed_run(full_run):
+    """full_run resumed from step 3 (after an odd step count Adam holds a pending gradient); its stdout."""
+    d, common = full_run
+    r = run_cli(common + ["--resume=logs/full/state_step000003.pt", "--kernel_warmup_steps=3", "--run_id=resumed"], d)
     assert r.returncode == 0, r.stderr
-    assert "changed since it was saved: --kernel_warmup_steps=0 (now 3), --checkpoint_every=3 (now 0)" in r.stdout
+    return r.stdout
+
+def test_resume_matches_uninterrupted_run(full_run, resumed_run):
+    tmp_path = full_run[0]
+    # differences that do not change the training are listed (the kernel warmup is skipped without compile)
+    assert "changed since it was saved: --kernel_warmup_steps=0 (now 3), --checkpoint_every=3 (now 0)" in resumed_run
     a, b = load_ckpt(tmp_path / "logs/full/state_step000007.pt"), load_ckpt(tmp_path / "logs/resumed/state_step000007.pt")
     fa, fb = flatten_state(a), flatten_state(b)
     assert fa.keys() == fb.keys()
