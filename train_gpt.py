@@ -621,16 +621,16 @@ class TrainLoader:
         return batches, [np.subtract(e, s) for s, e in slots]
 
 def check_train_data(h, steps, file_idx=0, ptr=0):
-    """Before training: the train shards the run will read (all with --repeat_data) have ids < vocab size and hold
-    `steps` steps of BOS-aligned slots from (file_idx, ptr) on, counted as the loader takes them."""
+    """Before training: the train shards the run will read have ids < vocab size and hold `steps` steps of BOS-aligned
+    slots from (file_idx, ptr) on, counted as the loader takes them; with --repeat_data: all shards, one step or more."""
     files, slot_len, found = list_files(h.train_files, "train"), h.train_batch_size // 8, 0
     for i in range(0 if h.repeat_data else file_idx, len(files)):
         tokens = load_shard(files[i], h.vocab_size)
-        bos, p = np.flatnonzero(tokens == BOS), ptr if i == file_idx else 0
+        bos, p = np.flatnonzero(tokens == BOS), ptr if i == file_idx and not h.repeat_data else 0
         while found < steps and (out := take_slots(tokens, bos, p, 8, slot_len, h.train_max_seq_len)) is not None:
             found, p = found + 1, out[1]
         if found == steps and not h.repeat_data: return
-    if found == steps: return
+    if found == steps or (h.repeat_data and found > 0): return
     if h.repeat_data: raise no_step_error(h)
     raise UserError(f"train files {h.train_files} hold {found} steps of BOS-aligned data from where the run starts, it "
                     f"needs {steps}: download more shards or pass --repeat_data=1")

@@ -465,8 +465,9 @@ def test_train_data_is_checked_before_the_first_step(tmp_path, gpt_files, monkey
     msg = main_error(args + [f"--num_iterations={need}"], tmp_path, monkeypatch)
     assert f"hold {sum(per_shard)} steps of BOS-aligned data" in msg and f"it needs {need}" in msg
     assert not os.path.exists(tmp_path / "logs")
-    monkeypatch.chdir(tmp_path)  # exactly enough: passes the check (and trains)
+    monkeypatch.chdir(tmp_path)  # exactly enough passes the check, and so does any number with --repeat_data
     tg.check_train_data(tg.parse_args(args + [f"--num_iterations={need - 1}"]), need - 1)
+    tg.check_train_data(tg.parse_args(args + ["--num_iterations=999", "--repeat_data=1"]), 999)
     write_shard(tmp_path / "t_000002.bin", np.concatenate([shards[1], [50304]]))  # a bad id at the end of shard 2
     msg = main_error(args + [f"--num_iterations={per_shard[0] + 1}"], tmp_path, monkeypatch)
     assert "t_000002.bin: token id 50304 >= vocab size" in msg and not os.path.exists(tmp_path / "logs")
