@@ -622,7 +622,7 @@ class TrainLoader:
 
 def check_train_data(h, steps, file_idx=0, ptr=0):
     """Before training: the train shards the run will read have ids < vocab size and hold `steps` steps of BOS-aligned
-    slots from (file_idx, ptr) on, counted as the loader takes them; with --repeat_data: all shards, one step or more."""
+    slots from (file_idx, ptr) on, counted as the loader takes them; with --repeat_data: all shards, and one step."""
     files, slot_len, found = list_files(h.train_files, "train"), h.train_batch_size // 8, 0
     for i in range(0 if h.repeat_data else file_idx, len(files)):
         tokens = load_shard(files[i], h.vocab_size)
