@@ -10,8 +10,10 @@ from tests.gptdata import learnable_docs, write_shard
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt.py")
 # Polar Express coefficients as published in shared/reference/formulas.md §2
-PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462), (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-      (3.8916678022926607, -2.772484153217685, 0.5060648178503393), (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
 
 def rel(a, b):
@@ -66,7 +68,8 @@ def normuon_reference(p, g, mom, v, kind, lr, wd, mu, beta2, lr_mul, ortho):
         stat = (o ** 2).mean(dim=1, keepdim=True) if p.size(0) >= p.size(1) else (o ** 2).mean(dim=0, keepdim=True)
         vi = beta2 * vi + (1 - beta2) * stat
         o2 = o / vi.clamp_min(1e-10).sqrt()
-        outs.append(o2 * o.norm() / o2.norm()); new_v.append(vi)
+        outs.append(o2 * o.norm() / o2.norm())
+        new_v.append(vi)
     upd = torch.stack(outs).view_as(p)
     eff_lr = lr * max(1, p.size(0) / p.size(1)) ** 0.5 * lr_mul
     decay = torch.where(upd * p >= 0, lr * wd * p, torch.zeros_like(p))
@@ -76,10 +79,13 @@ def normuon_reference(p, g, mom, v, kind, lr, wd, mu, beta2, lr_mul, ortho):
 def test_normuon_cautious_wd_step_against_reference(exact):
     torch.manual_seed(1)
     d = 16
-    specs = [("attn", (d, 4 * d), 1.0), ("mlp", (d, 4 * d), 2.0), ("mlp", (d, 4 * d), 1.0), ("gate", (2, 12), 1.0), ("gate", (24, 12), 1.0)]
+    specs = [("attn", (d, 4 * d), 1.0), ("mlp", (d, 4 * d), 2.0), ("mlp", (d, 4 * d), 1.0), ("gate", (2, 12), 1.0),
+             ("gate", (24, 12), 1.0)]
     params = []
     for kind, shape, mul in specs:
-        p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float32) * 0.1); p.lr_mul = mul; params.append((kind, p))
+        p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float32) * 0.1)
+        p.lr_mul = mul
+        params.append((kind, p))
     ortho_code = (lambda U: U.float()) if exact else tg.polar_express
     ortho_ref = (lambda m: m) if exact else pe_reference
     opt = tg.NorMuon(params, tg.Comm(0, 1), lr=0.03, beta2=0.95, weight_decay=1.2, ortho=ortho_code)
@@ -88,13 +94,15 @@ def test_normuon_cautious_wd_step_against_reference(exact):
         n_mats = 4 if kind == "attn" else 1
         mats_shape = (p.size(0), p.size(1) // n_mats)
         vshape = (mats_shape[0], 1) if p.size(0) >= p.size(1) else (1, mats_shape[1])
-        ref.append([p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64), [torch.zeros(vshape, dtype=torch.float64)] * n_mats])
+        ref.append([p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64),
+                    [torch.zeros(vshape, dtype=torch.float64)] * n_mats])
     for step, (lr_mult, mu) in enumerate([(1.0, 0.85), (0.5, 0.9), (0.3, 0.95)]):
         grads = [torch.randn_like(p) for _, p in params]
         for (kind, p), g in zip(params, grads): p.grad = g.clone()
         opt.step(lr_mult, mu)
         for (kind, p), g, r in zip(params, grads, ref):
-            r[0], r[1], r[2] = normuon_reference(r[0], g.double(), r[1], r[2], kind, 0.03 * lr_mult, 1.2, mu, 0.95, p.lr_mul, ortho_ref)
+            r[0], r[1], r[2] = normuon_reference(r[0], g.double(), r[1], r[2], kind, 0.03 * lr_mult, 1.2, mu, 0.95,
+                                                 p.lr_mul, ortho_ref)
     for (kind, p), r, start in zip(params, ref, p0):  # compare the total change of each parameter
         assert rel(p.detach().double() - start, r[0] - start) < (1e-5 if exact else 0.08), kind
 
@@ -112,14 +120,17 @@ def test_cautious_mask_decays_only_where_update_shrinks():
 
 def test_adam_step_against_reference():
     torch.manual_seed(2)
-    p = torch.nn.Parameter(torch.randn(16, 8)); p.lr_mul = 5.0
+    p = torch.nn.Parameter(torch.randn(16, 8))
+    p.lr_mul = 5.0
     opt = tg.DistAdam([p], tg.Comm(0, 1), lr=0.008, betas=(0.65, 0.95), eps=1e-8, weight_decay=0.0)
-    ref, m, v = p.detach().double().clone(), torch.zeros(16, 8, dtype=torch.float64), torch.zeros(16, 8, dtype=torch.float64)
+    ref, m, v = (p.detach().double().clone(), torch.zeros(16, 8, dtype=torch.float64),
+                 torch.zeros(16, 8, dtype=torch.float64))
     for t, mult in enumerate([1.0, 0.7, 0.4], start=1):
         g = torch.randn(16, 8)
         p.grad = g.clone()
         opt.step(mult)
-        m = 0.65 * m + 0.35 * g.double(); v = 0.95 * v + 0.05 * g.double() ** 2
+        m = 0.65 * m + 0.35 * g.double()
+        v = 0.95 * v + 0.05 * g.double() ** 2
         mhat, vhat = m / (1 - 0.65 ** t), v / (1 - 0.95 ** t)
         ref = ref - 0.008 * 5.0 * mult * mhat / (vhat.sqrt() + 1e-8 / math.sqrt(1 - 0.95 ** t))
     assert rel(p.detach() - 0, ref) < 1e-2  # moments are bf16, as in the record
@@ -136,7 +147,8 @@ def test_schedules_at_boundaries():
     assert tg.lr_schedule(1102, h) == 1.0 and tg.lr_schedule(2244, h) == pytest.approx(0.10018, abs=1e-5)
     mom = {0: 0.85, 150: 0.90, 300: 0.95, 2000: 0.95, 2195: 0.95, 2220: 0.90, 2244: 0.852}
     for s, m in mom.items(): assert tg.muon_momentum(s, h) == pytest.approx(m, abs=1e-9), s
-    windows = {0: (1, 3), 734: (1, 3), 735: (3, 7), 1469: (3, 7), 1470: (5, 11), 2204: (5, 11), 2205: (6, 13), 2244: (6, 13), 2245: (6, 20)}
+    windows = {0: (1, 3), 734: (1, 3), 735: (3, 7), 1469: (3, 7), 1470: (5, 11), 2204: (5, 11), 2205: (6, 13),
+               2244: (6, 13), 2245: (6, 20)}
     for s, w in windows.items(): assert tg.window_blocks(s, h) == w, s
     h.warmup_steps = 10
     assert tg.lr_schedule(0, h) == pytest.approx(0.1) and tg.lr_schedule(9, h) == 1.0
@@ -144,7 +156,8 @@ def test_schedules_at_boundaries():
 def test_yarn_update():
     r = tg.Rotary(128, 256, torch.float32)
     f0 = r.freq.clone()
-    r.set_window(3); r.set_window(7)
+    r.set_window(3)
+    r.set_window(7)
     rot = 128 * 3 * f0 / (2 * math.pi)
     ramp = ((rot - 1) / 31).clamp(0, 1)
     assert torch.allclose(r.freq, f0 * (3 / 7 + ramp * (1 - 3 / 7)))
@@ -225,7 +238,8 @@ def test_attention_pair_count():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 700, 20)
     for w in [0, 128, 384]:
-        brute = sum(int(((np.arange(n)[None] <= np.arange(n)[:, None]) & (np.arange(n)[:, None] - np.arange(n)[None] <= w)).sum()) for n in lengths)
+        brute = sum(int(((np.arange(n)[None] <= np.arange(n)[:, None])
+                         & (np.arange(n)[:, None] - np.arange(n)[None] <= w)).sum()) for n in lengths)
         assert tg.attention_pairs(lengths, w) == brute
 
 # ---------------------------------------------------------------------------------------------- FP8 head
@@ -253,13 +267,16 @@ def loader_reference(shards, steps, slot_len, max_seq, partial=False):
             buf = []
             while sum(map(len, buf)) < slot_len + 1 and d < len(docs[si]):
                 need = slot_len + 1 - sum(map(len, buf))
-                buf.append(docs[si][d][:min(max_seq, need)]); d += 1
+                buf.append(docs[si][d][:min(max_seq, need)])
+                d += 1
             slots.append(np.concatenate(buf) if buf else buf)
         if any(len(s) < slot_len + 1 for s in slots):  # shard exhausted: its tail is dropped
             si, di = si + 1, 0
             if partial and si == len(docs): break
             continue
-        out.append(slots); di = d; used.append(si)
+        out.append(slots)
+        di = d
+        used.append(si)
     return out, used
 
 def test_loader_bos_aligned_no_token_lost_or_repeated(tmp_path):
@@ -283,7 +300,8 @@ def test_loader_bos_aligned_no_token_lost_or_repeated(tmp_path):
 def test_loader_stops_or_repeats_when_the_files_run_out(tmp_path):
     write_shard(tmp_path / "t_000001.bin", np.concatenate(learnable_docs(40, 5, 10, 300)))
     h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), train_batch_size=1024, train_max_seq_len=100)
-    n_steps = len(loader_reference([np.fromfile(tmp_path / "t_000001.bin", dtype="<u2", offset=1024)], 99, 128, 100, partial=True)[0])
+    n_steps = len(loader_reference([np.fromfile(tmp_path / "t_000001.bin", dtype="<u2", offset=1024)], 99, 128, 100,
+                                   partial=True)[0])
     L = tg.TrainLoader(h, 0, 1, torch.device("cpu"))
     for _ in range(n_steps): L.next_step()
     with pytest.raises(tg.UserError, match="--repeat_data"): L.next_step()
@@ -324,11 +342,13 @@ def test_user_errors_are_one_line(tmp_path, gpt_files, case):
         write_shard(bad, np.concatenate([toks, [60000]]) if case == "vocab" else toks,
                     magic=7 if case == "magic" else 20240520, n_tokens=len(toks) + (5 if case == "truncated" else 0))
     env = dict(os.environ, WORLD_SIZE="3") if case == "world" else None
-    r = run_cli(TINY + ["--num_iterations=4", "--num_extension_iterations=1"] + args, tmp_path, env=env)  # last value wins
+    r = run_cli(TINY + ["--num_iterations=4", "--num_extension_iterations=1"] + args,  # last value wins
+                tmp_path, env=env)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    expect = {"missing": "python data/cached_fineweb10B.py", "magic": str(bad), "truncated": str(bad), "vocab": str(bad),
-              "few_val": "--val_tokens", "world": "world size 3", "flag": "--bogus", "value": "--num_layers"}[case]
+    expect = {"missing": "python data/cached_fineweb10B.py", "magic": str(bad), "truncated": str(bad),
+              "vocab": str(bad), "few_val": "--val_tokens", "world": "world size 3", "flag": "--bogus",
+              "value": "--num_layers"}[case]
     assert expect in lines[0]
 
 def test_cli_help_and_parsing():
@@ -347,8 +367,8 @@ def test_cli_help_and_parsing():
         with pytest.raises(tg.UserError): tg.parse_args(bad)
 
 def test_import_does_nothing(tmp_path):
-    r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import train_gpt"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import train_gpt"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "" and os.listdir(tmp_path) == []
 
 # ---------------------------------------------------------------------------------------------- failure modes
@@ -544,14 +564,16 @@ def test_validation_memory_is_linear_in_the_slab(tmp_path):
 def parse_log(path):
     text = open(path).read()
     code, env, body = text.split("=" * 100 + "\n")
-    vals = [(int(m[1]), float(m[2])) for m in re.finditer(r"^step:(\d+)/\d+ val_loss:([\d.]+) train_time:\d+ms step_avg:[\d.]+ms", body, re.M)]
+    vals = [(int(m[1]), float(m[2]))
+            for m in re.finditer(r"^step:(\d+)/\d+ val_loss:([\d.]+) train_time:\d+ms step_avg:[\d.]+ms", body, re.M)]
     steps = re.findall(r"^step:(\d+)/(\d+) train_time:\d+ms step_avg:[\d.]+ms$", body, re.M)
     summary = re.search(r"^summary val_loss:([\d.]+) train_time:(\d+)ms tokens_per_s:(\d+) mfu:(\S+)", body, re.M)
     return code, env, vals, steps, summary
 
 def test_tiny_run_learns_and_logs(tmp_path, gpt_files):
     files = gpt_files
-    r = run_cli(files + TINY + ["--num_iterations=40", "--num_extension_iterations=4", "--val_loss_every=20", "--run_id=tiny"], tmp_path)
+    r = run_cli(files + TINY + ["--num_iterations=40", "--num_extension_iterations=4", "--val_loss_every=20",
+                                "--run_id=tiny"], tmp_path)
     assert r.returncode == 0, r.stderr
     code, env, vals, steps, summary = parse_log(tmp_path / "logs/tiny.txt")
     assert code == open(SCRIPT).read() + "\n"
@@ -592,7 +614,8 @@ def test_resume_matches_uninterrupted_run(full_run, resumed_run):
     tmp_path = full_run[0]
     # differences that do not change the training are listed (the kernel warmup is skipped without compile)
     assert "changed since it was saved: --kernel_warmup_steps=0 (now 3), --checkpoint_every=3 (now 0)" in resumed_run
-    a, b = load_ckpt(tmp_path / "logs/full/state_step000007.pt"), load_ckpt(tmp_path / "logs/resumed/state_step000007.pt")
+    a, b = (load_ckpt(tmp_path / "logs/full/state_step000007.pt"),
+            load_ckpt(tmp_path / "logs/resumed/state_step000007.pt"))
     fa, fb = flatten_state(a), flatten_state(b)
     assert fa.keys() == fb.keys()
     for k in fa: assert torch.equal(fa[k], fb[k]), k
@@ -604,8 +627,8 @@ def test_resume_matches_uninterrupted_run(full_run, resumed_run):
 def run_world_sizes(tmp_path, args):
     r1 = run_cli(args + ["--run_id=w1"], tmp_path)
     assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, *args, "--run_id=w2"],
-                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+                         *args, "--run_id=w2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     n = [a for a in args if a.startswith("--num_iterations=")][0].split("=")[1]
     return [load_ckpt(tmp_path / f"logs/{w}/state_step{int(n):06d}.pt") for w in ("w1", "w2")]
@@ -614,10 +637,12 @@ def test_world_size_2_matches_world_size_1(tmp_path, gpt_files):
     # 3 steps: the zero-initialized head blocks every other gradient until Adam first moves it (end of step 1), so the
     # checkpoint after step 2 holds the first reduced matrix gradients (NorMuon momentum) and Adam's pending gradient
     files = gpt_files
-    a, b = run_world_sizes(tmp_path, files + TINY + ["--num_iterations=3", "--num_extension_iterations=1", "--val_loss_every=0", "--save_checkpoint=1"])
+    a, b = run_world_sizes(tmp_path, files + TINY + ["--num_iterations=3", "--num_extension_iterations=1",
+                                                     "--val_loss_every=0", "--save_checkpoint=1"])
     assert a["loader"] == b["loader"]
     for ga, gb in zip(a["muon"][:2], b["muon"][:2]): assert ga["mom"].norm() > 0 and rel(gb["mom"], ga["mom"]) < 1e-2
-    for pa, pb in zip(a["adam_pending"], b["adam_pending"]):  # value embeddings still get none (V's output projection is zero)
+    # value embeddings still get none (V's output projection is zero)
+    for pa, pb in zip(a["adam_pending"], b["adam_pending"]):
         assert rel(pb, pa) < 1e-2 if pa.norm() > 0 else pb.norm() == 0
     assert a["adam_pending"][1].norm() > 0 and a["adam_pending"][2].norm() > 0  # head and embedding
     for k, v in a["model"].items():  # bf16 Polar Express amplifies summation-order noise in the tiny 2x12 gate matrices
@@ -627,7 +652,8 @@ def test_world_size_2_matches_world_size_1(tmp_path, gpt_files):
 
 def test_evaluation_covers_exactly_val_tokens(gpt_files):
     files = gpt_files
-    h = tg.parse_args(files + TINY[:-2] + ["--compile=0", "--val_tokens=1000", "--val_seq_len=4096", "--val_head_chunk=100"])
+    h = tg.parse_args(files + TINY[:-2] + ["--compile=0", "--val_tokens=1000", "--val_seq_len=4096",
+                                           "--val_head_chunk=100"])
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
     val = tg.load_val(h)
     with torch.no_grad():

@@ -33,8 +33,9 @@ def schedule_ref(kind, s, S=1000, W=100, f=0.1, c=0.5, warmup_type="log"):
     return 1.0
 
 # hand values at S = 1000 scheduled steps (+40 extension), W = 100, f = 0.1, c = 0.5
-HAND = {("wsd", 0): 0.01, ("wsd", 99): 1.0, ("wsd", 499): 1.0, ("wsd", 500): 1.0, ("wsd", 750): 0.55, ("wsd", 1000): 0.10018,
-        ("wsd", 1039): 0.10018, ("cosine", 0): 0.01, ("cosine", 99): 1.0, ("cosine", 100): 1.0, ("cosine", 550): 0.55,
+HAND = {("wsd", 0): 0.01, ("wsd", 99): 1.0, ("wsd", 499): 1.0, ("wsd", 500): 1.0, ("wsd", 750): 0.55,
+        ("wsd", 1000): 0.10018, ("wsd", 1039): 0.10018,
+        ("cosine", 0): 0.01, ("cosine", 99): 1.0, ("cosine", 100): 1.0, ("cosine", 550): 0.55,
         ("cosine", 1000): 0.1, ("cosine", 1039): 0.1, ("noam", 0): 0.1, ("noam", 99): 1.0, ("noam", 399): 0.5,
         ("warmup", 0): 0.1, ("warmup", 9): 0.55, ("warmup", 99): 1.0, ("warmup", 100): 1.0, ("warmup", 1039): 1.0,
         ("warmup_decay", 0): 0.1, ("warmup_decay", 100): 1.0, ("warmup_decay", 550): 0.55, ("warmup_decay", 1000): 0.1,
@@ -43,8 +44,8 @@ HAND = {("wsd", 0): 0.01, ("wsd", 99): 1.0, ("wsd", 499): 1.0, ("wsd", 500): 1.0
 @pytest.mark.parametrize("kind", tg.LR_SCHEDULES)
 @pytest.mark.parametrize("warmup_type", ["log", "linear"])
 def test_lr_schedule_at_boundaries(kind, warmup_type):
-    h = tg.parse_args([f"--lr_schedule={kind}", "--num_iterations=1040", "--num_extension_iterations=40", "--warmup_steps=100",
-                       f"--warmup_type={warmup_type}"])
+    h = tg.parse_args([f"--lr_schedule={kind}", "--num_iterations=1040", "--num_extension_iterations=40",
+                       "--warmup_steps=100", f"--warmup_type={warmup_type}"])
     tg.validate(h, 1)
     for s in [0, 1, 2, 9, 50, 98, 99, 100, 101, 399, 499, 500, 501, 550, 750, 999, 1000, 1001, 1039]:
         assert tg.lr_schedule(s, h) == pytest.approx(schedule_ref(kind, s, warmup_type=warmup_type), abs=1e-12), s
@@ -105,10 +106,12 @@ def normuon_first_step_ref(p, g, kind, lr, lam, mode, mu, beta2, lr_mul):
         o2 = o / ((1 - beta2) * stat).sqrt()
         outs.append(o2 * o.norm() / o2.norm())
     upd = torch.stack(outs).reshape(p.shape)
-    mask = {"cautious": (upd * p >= 0).double(), "decoupled": torch.ones_like(p), "l2": torch.zeros_like(p), "none": torch.zeros_like(p)}[mode]
+    mask = {"cautious": (upd * p >= 0).double(), "decoupled": torch.ones_like(p), "l2": torch.zeros_like(p),
+            "none": torch.zeros_like(p)}[mode]
     return p - lr * max(1, p.size(0) / p.size(1)) ** 0.5 * lr_mul * (upd + lam * mask * p)
 
-@pytest.mark.parametrize("wd_mult", [None, 1.0])  # None: decay on the LR schedule (lambda = wd * lr_t); 1.0: at the peak lr
+# wd_mult None: decay on the LR schedule (lambda = wd * lr_t); 1.0: at the peak lr
+@pytest.mark.parametrize("wd_mult", [None, 1.0])
 def test_normuon_decay_modes_against_reference(wd_mult):
     torch.manual_seed(3)
     specs = [("attn", (8, 32), 1.0), ("mlp", (8, 32), 2.0), ("gate", (2, 12), 1.0), ("gate", (24, 12), 1.0)]
@@ -120,8 +123,12 @@ def test_normuon_decay_modes_against_reference(wd_mult):
     for mode in MODES:
         params = []
         for (kind, _, mul), p in zip(specs, p0):
-            q = torch.nn.Parameter(p.clone()); q.lr_mul = mul; q.grad = grads[len(params)].clone(); params.append((kind, q))
-        opt = tg.NorMuon(params, tg.Comm(0, 1), lr=base, beta2=0.95, weight_decay=wd, ortho=lambda U: U.float(), wd_mode=mode)
+            q = torch.nn.Parameter(p.clone())
+            q.lr_mul = mul
+            q.grad = grads[len(params)].clone()
+            params.append((kind, q))
+        opt = tg.NorMuon(params, tg.Comm(0, 1), lr=base, beta2=0.95, weight_decay=wd, ortho=lambda U: U.float(),
+                         wd_mode=mode)
         opt.step(lr_mult, 0.9, wd_mult)
         refs[mode] = []
         for (kind, q), p, g, (_, _, mul) in zip(params, p0, grads, specs):
@@ -129,13 +136,16 @@ def test_normuon_decay_modes_against_reference(wd_mult):
             assert rel(q.detach() - p, ref - p.double()) < 1e-4, (mode, kind)  # fp32 rounding of p
             refs[mode].append(ref)
     for a, b in [("cautious", "decoupled"), ("decoupled", "none"), ("l2", "none"), ("cautious", "none")]:
-        assert min(rel(x - p.double(), y - p.double()) for x, y, p in zip(refs[a], refs[b], p0)) > 1e-2, (a, b)  # the test can tell them apart
+        # the test can tell them apart
+        assert min(rel(x - p.double(), y - p.double()) for x, y, p in zip(refs[a], refs[b], p0)) > 1e-2, (a, b)
 
 def adam_first_step_ref(p, g, lr, lam, mode, b1=0.65, b2=0.95, eps=1e-8):
     p, g = p.double(), g.double()
     if mode == "l2": g = g + lam * p
-    upd = lr * ((1 - b1) * g / (1 - b1)) / (((1 - b2) * g ** 2 / (1 - b2)).sqrt() + eps / math.sqrt(1 - b2))  # t = 1, bias-corrected
-    mask = {"cautious": (upd * p >= 0).double(), "decoupled": torch.ones_like(p), "l2": torch.zeros_like(p), "none": torch.zeros_like(p)}[mode]
+    # t = 1, bias-corrected
+    upd = lr * ((1 - b1) * g / (1 - b1)) / (((1 - b2) * g ** 2 / (1 - b2)).sqrt() + eps / math.sqrt(1 - b2))
+    mask = {"cautious": (upd * p >= 0).double(), "decoupled": torch.ones_like(p), "l2": torch.zeros_like(p),
+            "none": torch.zeros_like(p)}[mode]
     return p * (1 - lam * mask) - upd
 
 @pytest.mark.parametrize("wd_mult", [None, 1.0])
@@ -146,7 +156,9 @@ def test_adam_decay_modes_against_reference(wd_mult):
     lam = base * mul * (lr_mult if wd_mult is None else wd_mult) * wd
     refs = {}
     for mode in MODES:
-        q = torch.nn.Parameter(p0.clone()); q.lr_mul = mul; q.grad = g.clone()
+        q = torch.nn.Parameter(p0.clone())
+        q.lr_mul = mul
+        q.grad = g.clone()
         opt = tg.DistAdam([q], tg.Comm(0, 1), lr=base, betas=(0.65, 0.95), eps=1e-8, weight_decay=wd, wd_mode=mode)
         opt.step(lr_mult, wd_mult)
         refs[mode] = adam_first_step_ref(p0, g, base * mul * lr_mult, lam, mode)
@@ -180,19 +192,24 @@ def test_ema_and_average_hand_values(gpt_files):
         with torch.no_grad():
             for p in params: p.fill_(v)
     for e in trainer.ema: e.fill_(1.0)
-    fill(2.0); trainer.update_ema(0)   # decay min(0.9, 1/10) = 0.1: 0.1 * 1 + 0.9 * 2
+    fill(2.0)
+    trainer.update_ema(0)   # decay min(0.9, 1/10) = 0.1: 0.1 * 1 + 0.9 * 2
     assert all(torch.allclose(e, torch.full_like(e, 1.9)) for e in trainer.ema)
-    fill(4.0); trainer.update_ema(1)   # decay 2/11
+    fill(4.0)
+    trainer.update_ema(1)   # decay 2/11
     assert all(torch.allclose(e, torch.full_like(e, (2 * 1.9 + 9 * 4) / 11)) for e in trainer.ema)
-    fill(0.0); trainer.update_ema(500)  # decay 0.9 (501/510 > 0.9)
+    fill(0.0)
+    trainer.update_ema(500)  # decay 0.9 (501/510 > 0.9)
     assert all(torch.allclose(e, torch.full_like(e, 0.9 * (2 * 1.9 + 9 * 4) / 11)) for e in trainer.ema)
     h.ema_warmup = False
     for e in trainer.ema: e.fill_(1.0)
-    fill(2.0); trainer.update_ema(0)   # decay 0.9 from the start
+    fill(2.0)
+    trainer.update_ema(0)   # decay 0.9 from the start
     assert all(torch.allclose(e, torch.full_like(e, 1.1)) for e in trainer.ema)
     # averaging: the last 2 snapshots, copies in host memory, uniform mean
     for step, v in [(2, 1.0), (4, 3.0), (6, 8.0)]:
-        fill(v); trainer.snapshot(step)
+        fill(v)
+        trainer.snapshot(step)
     fill(-1.0)
     assert [s for s, _ in trainer.snapshots] == [4, 6]
     assert all(torch.equal(a, torch.full_like(a, 5.5)) for a in trainer.average())
@@ -213,7 +230,8 @@ def test_evaluating_other_weights_restores_the_live_ones(gpt_files):
     live, live_loss = [p.detach().clone() for p in trainer.model.parameters()], trainer.evaluate(0, val)
     other = [p + torch.randn_like(p) * 0.05 for p in live]
     loss = trainer.evaluate_weights(0, val, other)
-    assert all(same_bits(p.detach(), q) for p, q in zip(trainer.model.parameters(), live)) and trainer.evaluate(0, val) == live_loss
+    assert (all(same_bits(p.detach(), q) for p, q in zip(trainer.model.parameters(), live))
+            and trainer.evaluate(0, val) == live_loss)
     with torch.no_grad():
         for p, w in zip(trainer.model.parameters(), other): p.copy_(w)
     assert loss == trainer.evaluate(0, val) and abs(loss - live_loss) > 1e-3
@@ -228,12 +246,14 @@ def flat_state(sd):
     return out
 
 def same_bits(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
 
 def test_defaults_reproduce_the_record_bit_for_bit(tmp_path, gpt_files):
     """The script with no new switches, and with every new switch at its default value plus EMA and averaging on, trains
     exactly as the script before the switches (weights, optimizer state, data position, val losses: same bits)."""
-    common = gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2", "--save_checkpoint=1"]
+    common = gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2",
+                                  "--save_checkpoint=1"]
     runs = {"absent": (SCRIPT, []),
             "explicit": (SCRIPT, ["--lr_schedule=wsd", "--warmup_type=log", "--wd_mode=cautious", "--wd_schedule=lr",
                                   "--ema_decay=0.9", "--average_last=2", "--checkpoint_every=2"])}
@@ -242,9 +262,11 @@ def test_defaults_reproduce_the_record_bit_for_bit(tmp_path, gpt_files):
         (tmp_path / "train_gpt_pre_switches.py").write_text(old.stdout)
         runs["record"] = (str(tmp_path / "train_gpt_pre_switches.py"), [])
     for name, (script, extra) in runs.items():
-        r = subprocess.run([sys.executable, script, *common, *extra, f"--run_id={name}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        r = subprocess.run([sys.executable, script, *common, *extra, f"--run_id={name}"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (name, r.stderr[-3000:])
-    states = {n: torch.load(tmp_path / f"logs/{n}/state_step000004.pt", map_location="cpu", weights_only=False) for n in runs}
+    states = {n: torch.load(tmp_path / f"logs/{n}/state_step000004.pt", map_location="cpu", weights_only=False)
+              for n in runs}
     vals = {n: parse_log(tmp_path / f"logs/{n}.txt")[2] for n in runs}
     base = flat_state(states["absent"])
     for n in runs:
@@ -252,7 +274,8 @@ def test_defaults_reproduce_the_record_bit_for_bit(tmp_path, gpt_files):
         assert other.keys() == base.keys() and all(same_bits(other[k], base[k]) for k in base), n
         assert (states[n]["loader"], states[n]["adam_t"]) == (states["absent"]["loader"], states["absent"]["adam_t"])
         assert vals[n] == vals["absent"] and [s for s, _ in vals[n]] == [0, 2, 4], n
-    if "record" not in runs: pytest.skip(f"no git history with {PRE_SWITCHES}: compared explicit defaults with absent switches only")
+    if "record" not in runs:
+        pytest.skip(f"no git history with {PRE_SWITCHES}: compared explicit defaults with absent switches only")
 
 def group_of(name):  # the wnorm groups, by hand
     if ".attn." in name: return "attn"
@@ -261,9 +284,10 @@ def group_of(name):  # the wnorm groups, by hand
     return "head" if name.startswith("lm_head.") else "scalars"
 
 def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
-    args = gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2", "--lr_schedule=cosine",
-                             "--warmup_steps=2", "--wd_mode=decoupled", "--ema_decay=0.9", "--average_last=3", "--checkpoint_every=1",
-                             "--save_checkpoint=1", "--kernel_warmup_steps=2"]
+    args = gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2",
+                                "--lr_schedule=cosine", "--warmup_steps=2", "--wd_mode=decoupled", "--ema_decay=0.9",
+                                "--average_last=3", "--checkpoint_every=1", "--save_checkpoint=1",
+                                "--kernel_warmup_steps=2"]
     r = run_cli(args + ["--run_id=tech"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     body = open(tmp_path / "logs/tech.txt").read().split("=" * 100 + "\n")[2]
@@ -284,7 +308,8 @@ def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
     names = [n for n, _ in trainer.model.named_parameters()]
     w = {0: {n: p.detach().double().clone() for n, p in trainer.model.named_parameters()}}
     for s in range(1, 5):
-        w[s] = {n: v.double() for n, v in torch.load(tmp_path / f"logs/tech/state_step{s:06d}.pt", weights_only=False)["model"].items()}
+        w[s] = {n: v.double() for n, v in
+                torch.load(tmp_path / f"logs/tech/state_step{s:06d}.pt", weights_only=False)["model"].items()}
     shadow = dict(w[0])
     for t in range(4):
         d = min(0.9, (1 + t) / (10 + t))
@@ -293,7 +318,8 @@ def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
     for n, e in zip(names, final["ema"]): assert torch.allclose(e.double(), shadow[n], rtol=1e-5, atol=1e-6), n
     avg = torch.load(tmp_path / "logs/tech/average_step000004.pt", weights_only=False)
     assert avg["steps"] == [2, 3, 4] and [s for s, _ in final["snapshots"]] == [2, 3, 4]
-    for n in names: assert torch.allclose(avg["model"][n].double(), (w[2][n] + w[3][n] + w[4][n]) / 3, rtol=1e-6, atol=1e-7), n
+    for n in names:
+        assert torch.allclose(avg["model"][n].double(), (w[2][n] + w[3][n] + w[4][n]) / 3, rtol=1e-6, atol=1e-7), n
     # the logged losses and norms of the final line, recomputed from those weights
     for s in range(4): trainer.model.rotary.set_window(tg.window_blocks(s, h)[1])  # the YaRN state after training
     val = tg.load_val(h)
@@ -307,7 +333,7 @@ def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
 @pytest.mark.parametrize("mode", ["l2", "none"])  # cautious and decoupled run in the tests above
 def test_every_decay_mode_runs(tmp_path, gpt_files, mode, monkeypatch):
     monkeypatch.chdir(tmp_path)  # in-process main(): the command line itself is exercised by the runs above
-    tg.main(gpt_files + SMALL + ["--num_iterations=2", "--num_extension_iterations=1", f"--wd_mode={mode}", "--wd_schedule=constant",
-                              "--adam_weight_decay=0.01", "--run_id=m"])
+    tg.main(gpt_files + SMALL + ["--num_iterations=2", "--num_extension_iterations=1", f"--wd_mode={mode}",
+                                 "--wd_schedule=constant", "--adam_weight_decay=0.01", "--run_id=m"])
     vals = parse_log(tmp_path / "logs/m.txt")[2]
     assert [s for s, _ in vals] == [0, 2] and math.isfinite(vals[-1][1]) and vals[-1][1] < vals[0][1]
