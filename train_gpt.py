@@ -1076,7 +1076,9 @@ def main(argv):
     mfu = f"{100 * total_flops / seconds / (peak * world):.1f}%" if peak else "n/a"
     log(f"summary val_loss:{val_loss:.4f} train_time:{clock.ms:.0f}ms tokens_per_s:{tokens_per_s:.0f} mfu:{mfu}"
         + (f" mfu_peak_tflops:{peak / 1e12:.0f}" if peak else ""))
-    if world > 1: dist.destroy_process_group()
+    if world > 1:  # tear the group down together, after rank 0's last file writes
+        dist.barrier()
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     try:
