@@ -1,7 +1,7 @@
 # GPT-2-small-class speedrun trainer: FineWeb val loss <= 3.28 on 8xH100.
 # Recipe: modded-nanogpt record #43 "Cautious Weight Decay w/ schedule" (2245 steps of 262,144 tokens).
 # Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py [--name=value ...]   (1, 2, 4 or 8 GPUs: same math)
-import contextlib, copy, dataclasses, glob, inspect, math, os, re, signal, subprocess, sys, threading, time, uuid
+import contextlib, copy, dataclasses, glob, inspect, math, os, re, subprocess, sys, threading, time, uuid
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -950,13 +950,13 @@ def save_checkpoint(obj, path):
         raise UserError(f"{path}: cannot save the checkpoint ({getattr(e, 'strerror', None) or 'write failed'}; "
                         "is the disk full?)") from None
 
+PROGRESS = dict(at="before training started", saved="nothing saved")  # for the one line that Ctrl-C prints
+
 def main(argv):
     h = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     validate(h, world)
-    progress = dict(at="before training started", saved="nothing saved")  # for Ctrl-C's one line
-    def interrupted(signum, frame): raise UserError(f"interrupted {progress['at']}; {progress['saved']}")
-    signal.signal(signal.SIGINT, interrupted)
+    PROGRESS.update(at="before training started", saved="nothing saved")
     # check the data and the checkpoint before anything heavy and before the log exists
     val = load_val(h)
     sd, resume_changes = load_checkpoint(h) if h.resume else (None, "")
@@ -1014,7 +1014,7 @@ def main(argv):
     clock = Clock(train_ms, trainer.sync)
     for step in range(start, h.num_iterations + 1):
         last = step == h.num_iterations
-        progress["at"] = f"at step {step} of {h.num_iterations}"
+        PROGRESS["at"] = f"at step {step} of {h.num_iterations}"
         if h.average_last and step > start and (last or step % h.checkpoint_every == 0):  # untimed, like a checkpoint
             clock.stop()
             trainer.snapshot(step)
@@ -1044,7 +1044,7 @@ def main(argv):
                 save_checkpoint(dict(sd, step=step, train_ms=clock.ms, loader=loader.state(),
                                      hyperparameters=dataclasses.asdict(h)), path)
                 log(f"checkpoint: {path}")
-                progress["saved"] = f"last checkpoint {path} (continue with --resume={path})"
+                PROGRESS["saved"] = f"last checkpoint {path} (continue with --resume={path})"
                 if last and trainer.snapshots:
                     names, steps = [k for k, _ in trainer.model.named_parameters()], [s for s, _ in trainer.snapshots]
                     path = f"logs/{run_id}/average_step{step:06d}.pt"
@@ -1083,6 +1083,7 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0: print(f"train_gpt.py: error: {e}", file=sys.stderr)
+    except (UserError, KeyboardInterrupt) as e:
+        why = f"interrupted {PROGRESS['at']}; {PROGRESS['saved']}" if isinstance(e, KeyboardInterrupt) else e
+        if int(os.environ.get("RANK", 0)) == 0: print(f"train_gpt.py: error: {why}", file=sys.stderr)
         sys.exit(2)
