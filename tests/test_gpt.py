@@ -462,8 +462,10 @@ def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_checkpoint(tmp_path, 
     import signal
     args = ["--num_iterations=60", "--num_extension_iterations=1", "--save_checkpoint=1", "--checkpoint_every=2",
             "--run_id=int"]
+    # as in a terminal: SIGINT not ignored (a test run in a background job inherits it ignored, and Python keeps that)
     p = subprocess.Popen([sys.executable, SCRIPT, *gpt_files, *TINY, *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:  # wait for the third step, after the checkpoint of step 2
         if line.startswith("step:3/60"): break
     p.send_signal(signal.SIGINT)
