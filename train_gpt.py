@@ -844,8 +844,8 @@ class Trainer:
         for p, g in zip(self.adam_params, sd["adam_pending"]):  # rank 0 holds the summed pending gradient
             p.grad = None if g is None else (g.to(p.device) if self.rank == 0 else torch.zeros_like(p))
         if self.ema is not None:  # a checkpoint without a shadow starts it from its weights
-            live = [p.detach().float().clone() for p in self.model.parameters()]
-            self.ema = [t.to(self.device) for t in sd["ema"]] if sd.get("ema") else live
+            if sd.get("ema"): self.ema = [t.to(self.device) for t in sd["ema"]]
+            else: self.ema = [p.detach().float().clone() for p in self.model.parameters()]
         self.snapshots = sd.get("snapshots", [])[-self.h.average_last:] if self.h.average_last else []
 
 def weight_norms(model):
@@ -914,8 +914,8 @@ def validate(h, world):
 
 # hyperparameters that may differ on --resume (logged): they do not change the training math
 RESUME_FREE = ("val_files", "val_tokens", "val_seq_len", "val_head_chunk", "val_loss_every", "kernel_warmup_steps",
-               "compile", "seed", "run_id", "save_checkpoint", "checkpoint_every", "resume", "ema_decay", "ema_warmup",
-               "average_last", "repeat_data")
+               "compile", "seed", "save_checkpoint", "checkpoint_every", "ema_decay", "ema_warmup", "average_last",
+               "repeat_data")
 
 def load_checkpoint(h):
     """--resume: the saved state and the logged differences, after checking it against this run's hyperparameters."""
@@ -929,15 +929,17 @@ def load_checkpoint(h):
     if not isinstance(sd, dict) or not {"model", "muon", "adam", "step", "hyperparameters"} <= sd.keys():
         raise UserError(f"--resume={h.resume}: not a checkpoint of train_gpt.py (no model and optimizer state in it)")
     saved, now = sd["hyperparameters"], dataclasses.asdict(h)
+    # every field but this run's own file names (--resume, --run_id)
     differ = [k for k in now if k not in ("resume", "run_id") and saved.get(k, "(absent)") != now[k]]
+    changes_math = [k for k in differ if k not in RESUME_FREE]
     flags = lambda keys: ", ".join(f"--{k}={flag_value(saved.get(k, '(absent)'))} (now {flag_value(now[k])})"
                                    for k in keys)
     if sd["step"] >= h.num_iterations:
         raise UserError(f"--resume={h.resume}: the checkpoint is at step {sd['step']}, "
                         f"--num_iterations={h.num_iterations}: nothing left to train")
-    if [k for k in differ if k not in RESUME_FREE]:
+    if changes_math:
         raise UserError(f"--resume={h.resume}: saved with other hyperparameters that change the training: "
-                        + flags(k for k in differ if k not in RESUME_FREE))
+                        + flags(changes_math))
     return sd, flags(differ)
 
 def save_checkpoint(obj, path):
