@@ -1,5 +1,6 @@
 # GPT-2-small-class speedrun trainer: FineWeb val loss <= 3.28 on 8xH100.
-# Recipe: modded-nanogpt record #43 "Cautious Weight Decay w/ schedule" (2245 steps of 262,144 tokens).
+# Recipe: modded-nanogpt record #89's training (1285 steps in three stages of 131k/262k/393k tokens, multi-token and
+# prefix-token losses, bigram hash embedding, tied-then-untied head) on record #43's model (see README).
 # Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py [--name=value ...]   (1, 2, 4 or 8 GPUs: same math)
 import contextlib, copy, dataclasses, glob, inspect, math, os, re, subprocess, sys, threading, time, uuid
 import warnings
@@ -20,38 +21,50 @@ class Hyperparameters:
     val_tokens: int = 10485760          # validation covers exactly this many target tokens
     val_seq_len: int = 262144           # tokens per validation forward (per rank), as the record
     val_head_chunk: int = 8192          # tokens per lm_head+loss chunk at evaluation (bounds logits memory)
-    train_batch_size: int = 2048 * 16 * 8  # global tokens per step, split into 8 slots (ranks x grad accumulation)
-    train_max_seq_len: int = 2048       # longest document piece; longer documents are cut
+    # training stages: the scheduled steps split into len(ws_schedule) equal stages at round(k * S / n); each
+    # per-stage value below is one number a stage or one number for all; the extension steps use the last stage's
+    train_batch_size: tuple = (131072, 262144, 393216)  # global tokens per step, split into 8 slots (ranks x accum)
+    train_max_seq_len: tuple = (896, 2048, 2048)  # longest document piece; longer documents are cut
+    ws_schedule: tuple = (3, 7, 11)     # long attention window (128-token blocks) per stage; the short one is half
+    stage_lr: tuple = (1.0, 1.52, 1.73)  # LR multiplier per stage (the record ties it to the batch size)
+    mtp_weights: str = "1,0.5,0.25>1,0.5,0/1,0.5>1,0/1"  # loss weights of the t+1, t+2, ... predictions per stage
+    #                                     ('/' between stages; 'a>b': linear from a to b over the stage)
+    prefix_weight: str = "0.25/0.25>0/0"  # weight of the prefix-token loss per stage (same form); 0 = off
+    prefix_encoding: str = "gpt2"       # tiktoken encoding whose byte tokens give the prefix-token table
+    mtp_across_docs: bool = True        # t+2, t+3 predictions may cross a document end, as the record (0: masked)
+    untie_stage: int = 2                # embedding untied from the head at this stage's first odd step
+    #                                     (>= number of stages: never)
     repeat_data: bool = False           # cycle the train files when they run out (else stop with an error)
-    num_iterations: int = 2245          # total steps, extension included
-    num_extension_iterations: int = 40  # final steps at the floor LR with the extension window
-    cooldown_frac: float = 0.5          # fraction of the scheduled steps spent in the linear LR cooldown
-    min_lr_frac: float = 0.1            # LR multiplier at the end of the cooldown
+    num_iterations: int = 1285          # total steps, extension included
+    num_extension_iterations: int = 15  # final steps at the floor LR with the extension window
+    cooldown_frac: float = 0.6          # fraction of the scheduled steps spent in the linear LR cooldown
+    min_lr_frac: float = 0.15           # LR multiplier at the end of the cooldown
     warmup_steps: int = 0               # LR warmup steps
-    lr_schedule: str = "wsd"            # wsd (the record) | cosine | noam | warmup | warmup_decay | constant
+    lr_schedule: str = "wsd"            # wsd: the record (stage_lr, cooldown from it to min_lr_frac) | cosine | noam |
+    #                                     warmup | warmup_decay | constant: these times stage_lr, in place of wsd's
+    #                                     cooldown
     warmup_type: str = "log"            # warmup of the warmup and warmup_decay schedules: log or linear (DeepSpeed)
     val_loss_every: int = 250           # steps between validations; 0 = only at the end
     vocab_size: int = 50304             # embedding and head rows (GPT-2's 50257 padded to a multiple of 128)
     model_dim: int = 768                # residual stream width
     num_layers: int = 12                # blocks (layout() scales the record's 12-block structure)
     num_heads: int = 6                  # attention heads of model_dim / num_heads dimensions
-    ws_schedule: tuple = (3, 7, 11)     # long attention window (128-token blocks) in equal parts of the scheduled steps
+    bigram_vocab_size: int = 377280     # bigram hash embedding rows (50304 * 15 // 2); 0 = none
+    bigram_sign_rows: int = 8192        # rows of the fixed +-1 sign table of the bigram embedding
     ws_extension: int = 13              # long window in the extension steps
     ws_validate: int = 20               # long window at the final validation (no YaRN update)
-    lr: float = 0.03                    # NorMuon learning rate (attention, MLP and gate matrices)
+    lr: float = 0.023                   # NorMuon learning rate (attention and MLP matrices)
     momentum: float = 0.95              # NorMuon momentum after the warmup and before the cooldown
     momentum_min: float = 0.85          # NorMuon momentum at step 0 and at the last step
     momentum_warmup_steps: int = 300    # linear momentum_min -> momentum over these first steps
     momentum_cooldown_steps: int = 50   # linear momentum -> momentum_min over these last steps
-    beta2: float = 0.95                 # NorMuon second-moment decay
-    weight_decay: float = 1.2           # cautious, on the LR schedule: lambda_t = lr_t * weight_decay
+    beta2: float = 0.9                  # NorMuon second-moment decay
+    weight_decay: float = 1.2           # NorMuon, cautious, on the LR schedule: lambda_t = lr_t * weight_decay
     wd_mode: str = "cautious"           # NorMuon and Adam: cautious (the record) | decoupled | l2 | none
-    wd_schedule: str = "lr"             # lr: lambda_t = wd * lr_t (the record) | constant: lambda = wd * peak lr
-    adam_lr: float = 0.008              # Adam (embeddings, head, scalars), times each parameter's lr_mul
-    adam_beta1: float = 0.65            # Adam first-moment decay
-    adam_beta2: float = 0.95            # Adam second-moment decay
-    adam_eps: float = 1e-8              # added to Adam's sqrt(v), outside the square root
-    adam_weight_decay: float = 0.0      # Adam groups' decay, by --wd_mode and --wd_schedule as NorMuon's
+    wd_schedule: str = "lr"             # lr: decay follows lr_t (the record) | constant: it follows the peak lr
+    adam_lr: float = 0.008              # Adam (embeddings, head, bigram, scalars, gates), times ADAM_PARAMS' lr_mul
+    adam_eps: float = 1e-10             # added to Adam's sqrt(v), outside the square root
+    adam_weight_decay: float = 0.005    # Adam decay lambda_t = (adam_lr_t * lr_mul)^2 * this * ADAM_PARAMS' wd_mul
     kernel_warmup_steps: int = 30       # untimed steps that compile and warm kernels; state is restored after
     compile: bool = True                # torch.compile the model and Polar Express
     seed: int = 0                       # initial weights
@@ -74,12 +87,14 @@ def flag_value(v):
 
 def parse_args(argv, cls=Hyperparameters):
     h, fields = cls(), {f.name for f in dataclasses.fields(cls)}
-    if any(a in ("-h", "--help") for a in argv):
-        comments = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))  # the field comments
-        flags = [f"--{k}={flag_value(v)}" for k, v in dataclasses.asdict(h).items()]
-        width = max(map(len, flags))
-        lines = [f"  {flag:<{width}}  {comments.get(f.name, '')}".rstrip()
-                 for flag, f in zip(flags, dataclasses.fields(cls))]
+    if any(a in ("-h", "--help") for a in argv):  # the fields in source order, with their comments
+        flags = {k: f"--{k}={flag_value(v)}" for k, v in dataclasses.asdict(h).items()}
+        width, lines = max(map(len, flags.values())), []
+        for line in inspect.getsource(cls).splitlines()[2:]:
+            field, more = re.match(r" +(\w+): \w+ = .*?# (.*)$", line), re.match(r" +#\s{2,}(.*)$", line)
+            if field: lines.append(f"  {flags[field[1]]:<{width}}  {field[2]}")
+            elif more and lines: lines[-1] += " " + more[1]
+            elif line.strip().startswith("#"): lines.append("  " + line.strip())
         print("usage: train_gpt.py [--name=value ...]\n" + "\n".join(lines))
         sys.exit(0)
     i = 0
@@ -98,7 +113,7 @@ def parse_args(argv, cls=Hyperparameters):
             if isinstance(default, bool):
                 if val.lower() not in ("0", "1", "true", "false"): raise ValueError
                 val = val.lower() in ("1", "true")
-            elif isinstance(default, tuple): val = tuple(int(v) for v in val.split(","))
+            elif isinstance(default, tuple): val = tuple(type(default[0])(v) for v in val.split(","))
             else: val = type(default)(val)
         except ValueError:
             raise UserError(f"--{name}={val}: expected {type(default).__name__} like {default!r}") from None
@@ -110,21 +125,24 @@ def parse_args(argv, cls=Hyperparameters):
 
 LR_SCHEDULES = ("wsd", "cosine", "noam", "warmup", "warmup_decay", "constant")
 
-def lr_schedule(step, h):
-    """Multiplier of every group's base lr (formulas.md §6): S scheduled steps, W warmup steps, floor f."""
+def lr_schedule(step, h, stage_lr=1.0):
+    """Multiplier of every group's base lr (formulas.md §6): S scheduled steps, W warmup steps, floor f; stage_lr is
+    the step's stage multiplier."""
     S = h.num_iterations - h.num_extension_iterations
     s, W, f = step, h.warmup_steps, h.min_lr_frac
+    warm = min(1.0, (step + 1) / W) if W > 0 else 1.0
     if h.lr_schedule == "cosine":
-        return (s + 1) / W if s < W else f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(1, (s - W) / (S - W))))
-    if h.lr_schedule == "noam": return max(f, W ** 0.5 * min((s + 1) ** -0.5, (s + 1) * W ** -1.5))
-    if h.lr_schedule == "constant": return 1.0
-    if h.lr_schedule in ("warmup", "warmup_decay"):  # DeepSpeed WarmupLR / WarmupDecayLR
-        if s < W: return f + (1 - f) * (math.log(s + 1) / math.log(W) if h.warmup_type == "log" else s / W)
-        return 1.0 if h.lr_schedule == "warmup" else f + (1 - f) * max(0, (S - s) / max(1, S - W))
-    x = min(step / S, 0.9999)  # wsd: stable, then linear cooldown to f (and an optional linear warmup)
-    w = (1 - x) / h.cooldown_frac
-    m = 1.0 if x < 1 - h.cooldown_frac else w + (1 - w) * h.min_lr_frac
-    return m * min(1.0, (step + 1) / h.warmup_steps) if h.warmup_steps > 0 else m
+        m = (s + 1) / W if s < W else f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(1, (s - W) / (S - W))))
+    elif h.lr_schedule == "noam": m = max(f, W ** 0.5 * min((s + 1) ** -0.5, (s + 1) * W ** -1.5))
+    elif h.lr_schedule == "constant": m = 1.0
+    elif h.lr_schedule in ("warmup", "warmup_decay"):  # DeepSpeed WarmupLR / WarmupDecayLR
+        if s < W: m = f + (1 - f) * (math.log(s + 1) / math.log(W) if h.warmup_type == "log" else s / W)
+        else: m = 1.0 if h.lr_schedule == "warmup" else f + (1 - f) * max(0, (S - s) / max(1, S - W))
+    else:  # wsd, the record: the stage's multiplier, then linearly to f (absolute) over the cooldown
+        start = int(S * (1 - h.cooldown_frac))
+        t = min(1.0, (step - start) / max(1, S - start)) if step >= start else 0.0
+        return (stage_lr * (1 - t) + f * t) * warm
+    return stage_lr * m
 
 def muon_momentum(step, h):
     warm = min(step / h.momentum_warmup_steps, 1) if h.momentum_warmup_steps > 0 else 1
@@ -132,13 +150,50 @@ def muon_momentum(step, h):
     cool = max(0, (step - start) / h.momentum_cooldown_steps) if h.momentum_cooldown_steps > 0 else 0
     return h.momentum_min + (h.momentum - h.momentum_min) * (warm - cool)
 
-def window_blocks(step, h):
-    """(short, long) attention windows in 128-token blocks for a training step (or the final validation)."""
-    S = h.num_iterations - h.num_extension_iterations
-    if step >= h.num_iterations: long = h.ws_validate
-    elif step >= S: long = h.ws_extension
-    else: long = h.ws_schedule[min(len(h.ws_schedule) * step // S, len(h.ws_schedule) - 1)]
-    return (h.ws_extension if step >= S else long) // 2, long
+def stage_weights(spec, n, flag):
+    """'1,0.5>1,0/1' -> per stage (start weights, end weights); one stage given = every stage."""
+    stages = []
+    for part in spec.split("/"):
+        ends = part.split(">")
+        try: start, end = ([float(v) for v in e.split(",")] for e in (ends[0], ends[-1]))
+        except ValueError: start = end = []
+        if len(ends) > 2 or not start or len(start) != len(end) or not all(map(math.isfinite, start + end)):
+            raise UserError(f"--{flag}={spec}: give per stage 'w1,w2,...' or 'start>end' lists, stages split by '/'")
+        stages.append((start, end))
+    if len(stages) not in (1, n): raise UserError(f"--{flag}={spec}: {len(stages)} stages, the schedule has {n}")
+    return stages * n if len(stages) == 1 else stages
+
+class Plan(NamedTuple):  # what one step (or the final validation) runs with
+    stage: int          # 0 .. n-1; n = the extension steps and the final validation
+    batch_size: int     # global tokens
+    max_seq_len: int    # longest document piece
+    windows: tuple      # (short, long) attention windows in 128-token blocks
+    lr: float           # multiplier of every base lr
+    mtp: tuple          # loss weights of the t+1, t+2, ... predictions
+    prefix: float       # loss weight of the prefix token
+
+class Schedule:
+    """The record's training stages: n equal parts of the S scheduled steps (boundaries round(k * S / n)), then the
+    extension. Within a stage the MTP and prefix weights move linearly from its start to its end values."""
+    def __init__(self, h):
+        n, S = len(h.ws_schedule), h.num_iterations - h.num_extension_iterations
+        self.n, self.bounds = n, [round(k * S / n) for k in range(n + 1)] + [h.num_iterations]
+        per_stage = lambda values, k: values[min(k, n - 1)] if len(values) > 1 else values[0]
+        mtp, prefix = stage_weights(h.mtp_weights, n, "mtp_weights"), stage_weights(h.prefix_weight, n, "prefix_weight")
+        # untied at the first odd step of untie_stage (Adam steps on odd steps); None: never
+        self.untie_step = self.bounds[h.untie_stage] | 1 if h.untie_stage < n else None
+        self.plans = []
+        for step in range(h.num_iterations + 1):
+            k = next((i for i in range(n) if step < self.bounds[i + 1]), n)
+            t = (step - self.bounds[k]) / (self.bounds[k + 1] - self.bounds[k]) if k < n else 1.0
+            (m0, m1), (p0, p1) = mtp[min(k, n - 1)], prefix[min(k, n - 1)]
+            long = h.ws_schedule[k] if k < n else h.ws_validate if step == h.num_iterations else h.ws_extension
+            short = (h.ws_schedule[k] if k < n else h.ws_extension) // 2
+            self.plans.append(Plan(k, per_stage(h.train_batch_size, k), per_stage(h.train_max_seq_len, k),
+                                   (short, long), lr_schedule(step, h, per_stage(h.stage_lr, k)),
+                                   tuple(a + (b - a) * t for a, b in zip(m0, m1)), p0[0] + (p1[0] - p0[0]) * t))
+
+    def at(self, step): return self.plans[step]
 
 # ----------------------------------------------------------------------------------------------------
 # Polar Express orthogonalization (5 minimax quintics, bf16) and the FP8 head
@@ -194,9 +249,9 @@ def _fp8_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
     ctx.scales = inputs[2], inputs[3]
 
-def _fp8_backward(ctx, grad, *_):
+def _fp8_backward(ctx, grad, *_):  # the record's gradient scale 0.75/448 for a loss summed over 8 slots / 8
     xf, wf = ctx.saved_tensors
-    return *fp8_mm_backward(grad, xf, wf, *ctx.scales, 1 / 448), None, None
+    return *fp8_mm_backward(grad, xf, wf, *ctx.scales, 0.75 / 448 / 8), None, None
 
 fp8_mm.register_autograd(_fp8_backward, setup_context=_fp8_setup)
 
@@ -214,7 +269,7 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x):
         if self.fp8 and self.training:
-            out = fp8_mm(x.flatten(0, -2), self.weight, x.size(-1) ** 0.5 / 448, 2 ** -9)[0]
+            out = fp8_mm(x.flatten(0, -2), self.weight, 100 / 448, 1.6 / 448)[0]  # the record's #89 scales
             return out.view(*x.shape[:-1], -1)
         return F.linear(x, self.weight.type_as(x))
 
@@ -335,8 +390,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads) if attn else None
         self.mlp = MLP(dim) if mlp else None
 
-    def forward(self, x, x0, lambdas, sa, ve, mask, rotary):
-        x = lambdas[0] * x + lambdas[1] * x0
+    def forward(self, x, sa, ve, mask, rotary):
         if self.attn is not None: x = x + self.attn(norm(x), ve, sa, mask, rotary)
         if self.mlp is not None: x = x + self.mlp(norm(x))
         return x
@@ -353,11 +407,42 @@ def layout(L):
     return dict(no_attn=no_attn, push=range(1, n_skip + 1), pop=range(n_skip + 1, 2 * n_skip + 1),
                 backout=2 * L // 3, long={L // 3, L - 1}, ve=ve, n_ve=len(used))
 
+def softcap(logits):  # the record's asymmetric logit cap
+    return 23 * torch.sigmoid((logits + 5) / 7.5)
+
+def training_loss(z, targets, mtp, prefix_targets, prefix, across_docs=True):
+    """Sum over positions t of sum_k mtp[k] * CE(z_t, targets[t + k]) + prefix * CE(z_t, prefix_targets[t]), on the
+    softcapped logits z [T, V]. A prediction past the slot's end (with across_docs=False: past the end of t's
+    document, a BOS target before it) and a prefix target of -1 count 0. Returns (that sum, the next-token CE sum)."""
+    T, K = z.size(0), mtp.numel()
+    bos_seen = F.pad((targets == BOS).int().cumsum(0), (1, 0))  # BOS among targets[:t]
+    cols, weights = [], []  # one gather for all terms: each row's target columns and their weights
+    for k in range(K):
+        valid = torch.arange(T, device=z.device) < T - k
+        if not across_docs and k: valid = valid & (F.pad(bos_seen[k:T], (0, k)) == bos_seen[:T])
+        cols.append(F.pad(targets[k:], (0, k)))
+        weights.append(mtp[k] * valid)
+    cols.append(prefix_targets.clamp_min(0))
+    weights.append(prefix * (prefix_targets >= 0))
+    cols, weights = torch.stack(cols, 1), torch.stack(weights, 1)
+    log_probs = F.log_softmax(z.float(), dim=-1).gather(1, cols)
+    return -(log_probs * weights).sum(), -log_probs[:, 0].sum()
+
+def bigram_index(tokens, rows):
+    """Bigram hash rows of a slot (numpy, host): ((36313 cur) ^ (27191 prev)) mod (rows - 1) in wrapping int32
+    arithmetic as the record; position 0, which has no previous token, gets the reserved last row."""
+    t = np.asarray(tokens).astype(np.int32)
+    out = np.empty(t.size, dtype=np.int32)
+    out[0] = rows - 1
+    with np.errstate(over="ignore"):
+        out[1:] = np.bitwise_xor(np.int32(36313) * t[1:], np.int32(27191) * t[:-1]) % np.int32(rows - 1)
+    return out
+
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, max_len: int, dtype=torch.bfloat16):
         super().__init__()
         L, D, V = h.num_layers, h.model_dim, h.vocab_size
-        self.lay = layout(L)
+        self.lay, self.mtp_across_docs = layout(L), h.mtp_across_docs
         self.embed = nn.Embedding(V, D)
         self.value_embeds = nn.ModuleList(nn.Embedding(V, D) for _ in range(self.lay["n_ve"]))
         self.smear_gate = CastedLinear(12, 1)
@@ -365,36 +450,52 @@ class GPT(nn.Module):
         self.rotary = Rotary(D // h.num_heads, max_len, dtype)
         fp8 = dtype == torch.bfloat16 and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
         self.lm_head = CastedLinear(D, V, fp8=fp8)
-        n = 5 * L + 2  # skip weights, block lambdas (2 a layer), value-embedding lambdas (2 a layer), smear, backout
+        with torch.no_grad():  # the record: head N(0, 0.005), the embedding tied to it (the optimizer keeps them equal)
+            self.lm_head.weight.normal_(0, 0.005)
+            self.embed.weight.copy_(self.lm_head.weight)
+        self.bigram_embed = nn.Embedding(h.bigram_vocab_size, D) if h.bigram_vocab_size else None
+        if self.bigram_embed is not None:
+            nn.init.zeros_(self.bigram_embed.weight)
+            self.register_buffer("bigram_signs", torch.randn(h.bigram_sign_rows, D).sign().to(dtype))
+        # target -> its longest proper byte-prefix token (-1: none); filled by the trainer when the clock starts
+        self.register_buffer("prefix_table", torch.full((V,), -1, dtype=torch.int64), persistent=False)
+        # skip weights, block lambdas (2 a layer), value-embedding lambdas (2 a layer), smear, backout, bigram lambdas
+        n = 6 * L + 2
         self.scalars = nn.Parameter(torch.cat([torch.full((L,), -1.5), torch.tensor([1.0, 0.0]).repeat(L),
                                                torch.tensor([0.5, 0.5]).repeat(L), torch.tensor([0.0, 0.5]),
-                                               torch.zeros(-n % 8)]))
+                                               torch.full((L,), 0.05), torch.zeros(-n % 8)]))
         for m in self.modules():  # embeddings and linear layers store the compute dtype; big matrices and scalars fp32
             if isinstance(m, (nn.Embedding, nn.Linear)): m.to(dtype)
 
-    def forward(self, inputs: Tensor, targets: Tensor, masks, head_chunk=8192):
-        """Sum of the token losses. masks: one per layer (None where the layer has no attention)."""
+    def forward(self, inputs, targets, bigram_idx, masks, mtp=None, prefix=None, head_chunk=8192):
+        """Training (mtp and prefix weights given, as tensors): (weighted loss sum, next-token loss sum); evaluation:
+        the next-token loss sum. masks: one per layer (None where the layer has no attention)."""
         L, s = len(self.blocks), self.scalars
         skip_w, lambdas, sa = s[:L], s[L:3 * L].view(L, 2), s[3 * L:5 * L].view(L, 2)
-        smear, backout = s[5 * L], s[5 * L + 1]
+        smear, backout, bigram_w = s[5 * L], s[5 * L + 1], s[5 * L + 2:6 * L + 2]
         ve = [emb(inputs) for emb in self.value_embeds]
         x = self.embed(inputs)
         x = torch.cat([x[:1], x[1:] + smear * torch.sigmoid(self.smear_gate(x[1:, :12])) * x[:-1]])
         x = x0 = norm(x)[None]
+        bigram = 0
+        if self.bigram_embed is not None:  # times a fixed sign row picked by (prev ^ cur), as the record
+            rows = F.pad((inputs[:-1] ^ inputs[1:]) % self.bigram_signs.size(0), (1, 0))
+            bigram = (self.bigram_embed(bigram_idx) * self.bigram_signs[rows])[None]
         skips = []
         for i in range(1, L):
             if i in self.lay["pop"]: x = x + torch.sigmoid(skip_w[i - self.lay["pop"][0]]) * skips.pop()
             v = self.lay["ve"][i]
-            x = self.blocks[i](x, x0, lambdas[i], sa[i], ve[v] if v is not None else None, masks[i], self.rotary)
+            x = lambdas[i, 0] * x + lambdas[i, 1] * x0 + bigram_w[i] * bigram
+            x = self.blocks[i](x, sa[i], ve[v] if v is not None else None, masks[i], self.rotary)
             if i in self.lay["push"]: skips.append(x)
             if i == self.lay["backout"]: x_back = x
         x = norm(x - backout * x_back)[0]
-        if self.training:
-            logits = 30 * torch.sigmoid(self.lm_head(x) / 7.5)
-            return F.cross_entropy(logits, targets, reduction="sum")
+        if mtp is not None:  # training: cross-entropy on the (bf16 on GPU) softcapped logits
+            z = softcap(self.lm_head(x))
+            return training_loss(z, targets, mtp, self.prefix_table[targets], prefix, self.mtp_across_docs)
         loss = x.new_zeros((), dtype=torch.float32)
         for i in range(0, x.size(0), head_chunk):  # fp32 logits, a chunk at a time
-            logits = 30 * torch.sigmoid(self.lm_head(x[i:i + head_chunk]).float() / 7.5)
+            logits = softcap(self.lm_head(x[i:i + head_chunk]).float())
             loss = loss + F.cross_entropy(logits, targets[i:i + head_chunk], reduction="sum")
         return loss
 
@@ -418,16 +519,20 @@ class Comm:
         out = full.new_empty(full.size(0) // self.world, *full.shape[1:])
         return out, dist.reduce_scatter_tensor(out, full, async_op=True)
 
+    def all_reduce(self, full):  # sum over ranks, in place
+        return full, (None if self.world == 1 else dist.all_reduce(full, async_op=True))
+
     def all_gather(self, out, shard):
         if self.world == 1:
             out.copy_(shard)
             return None
         return dist.all_gather_into_tensor(out, shard.contiguous(), async_op=True)
 
-def decay_rate(u, p, wd, mode):
+def decay_rate(u, p, wd, mode, strict=False):
     """Weight decay of each entry of p, whose update u gets subtracted (formulas.md §4): cautious = wd only where u
-    already shrinks |p|, decoupled = wd everywhere, l2 (its wd * p joined the gradient) and none = 0."""
-    if mode == "cautious" and wd != 0: return wd * ((u * p) >= 0)
+    already shrinks |p| (u * p >= 0; > 0 when strict, as the record's Adam), decoupled = wd everywhere, l2 (its
+    wd * p joined the gradient) and none = 0."""
+    if mode == "cautious" and wd != 0: return wd * ((u * p > 0) if strict else (u * p >= 0))
     return wd if mode == "decoupled" else 0.0
 
 class NorMuon:
@@ -485,38 +590,53 @@ class NorMuon:
     def state(self):  # this rank's shards
         return [dict(mom=g["mom"], v=g["v"]) for g in self.groups]
 
+# Adam parameters as record #89, by the first name that a parameter's name contains: (betas, lr_mul, wd_mul)
+ADAM_PARAMS = {"lm_head": ((0.5, 0.95), 1.0, 150.0), "bigram_embed": ((0.75, 0.95), 75.0, 5.0),
+               "value_embeds": ((0.75, 0.95), 75.0, 5.0), "embed": ((0.5, 0.95), 1.0, 150.0),
+               "smear_gate": ((0.9, 0.99), 0.01, 0.0), "gate": ((0.9, 0.99), 1.0, 1.0),
+               "scalars": ((0.9, 0.99), 5.0, 0.0)}
+
 class DistAdam:
-    """Adam with bias correction on row shards; bf16 moments as the record."""
-    def __init__(self, params, comm: Comm, lr, betas, eps, weight_decay, wd_mode="cautious"):
-        self.comm, self.lr, self.betas, self.eps = comm, lr, betas, eps
-        self.weight_decay, self.wd_mode = weight_decay, wd_mode
-        self.params, self.t = params, 0
-        for p in params:
-            if p.size(0) % comm.world:
-                raise UserError(f"a parameter of {p.size(0)} rows does not split over {comm.world} ranks")
-        self.m = [torch.zeros(p.size(0) // comm.world, *p.shape[1:], dtype=torch.bfloat16, device=p.device)
-                  for p in params]
+    """Adam with bias correction and the record's decay lambda = (lr * lr_mul)^2 * weight_decay * wd_mul (cautious:
+    strict mask), fp32 moments. A parameter whose rows split over the ranks is sharded (reduce-scatter, update a
+    shard, all-gather), a smaller one replicated (all-reduce, every rank updates all of it)."""
+    def __init__(self, params, comm: Comm, lr, eps, weight_decay, wd_mode="cautious"):  # (p, betas, lr_mul, wd_mul)
+        self.comm, self.lr, self.eps, self.weight_decay, self.wd_mode = comm, lr, eps, weight_decay, wd_mode
+        self.params, self.cfg, self.t = [p for p, *_ in params], [c for _, *c in params], 0
+        self.sharded = [p.size(0) % comm.world == 0 and comm.world > 1 for p in self.params]
+        self.m = [torch.zeros(p.size(0) // comm.world if sh else p.size(0), *p.shape[1:], dtype=torch.float32,
+                              device=p.device) for p, sh in zip(self.params, self.sharded)]
         self.v = [torch.zeros_like(m) for m in self.m]
 
     @torch.no_grad()
-    def step(self, lr_mult, wd_mult=None):
+    def step(self, lr_mult, wd_mult=None, skip=()):  # skip: parameters left alone this step (a tied embedding)
         self.t += 1
-        b1, b2 = self.betas
-        rs = [self.comm.reduce_scatter(p.grad) for p in self.params]
+        todo = [i for i, p in enumerate(self.params) if all(p is not q for q in skip)]
+        rs = {i: (self.comm.reduce_scatter if self.sharded[i] else self.comm.all_reduce)(self.params[i].grad)
+              for i in todo}
         gathers = []
-        for p, m, v, (g, work) in zip(self.params, self.m, self.v, rs):
+        for i in todo:
+            g, work = rs[i]
             if work is not None: work.wait()
-            lr = self.lr * getattr(p, "lr_mul", 1.0) * lr_mult
-            wd = self.lr * getattr(p, "lr_mul", 1.0) * (lr_mult if wd_mult is None else wd_mult) * self.weight_decay
-            shard = p[self.comm.rank * m.size(0):(self.comm.rank + 1) * m.size(0)]
-            if self.wd_mode == "l2": g = g + wd * shard
-            m.lerp_(g.to(m.dtype), 1 - b1)
-            v.lerp_(g.square().to(v.dtype), 1 - b2)
-            upd = m.float() / (v.float().sqrt() + self.eps) * (lr * (1 - b2 ** self.t) ** 0.5 / (1 - b1 ** self.t))
-            new = shard.float() * (1 - decay_rate(upd, shard.float(), wd, self.wd_mode)) - upd
-            gathers.append(self.comm.all_gather(p, new.to(p.dtype)))
+            p, m, v, ((b1, b2), lr_mul, wd_mul) = self.params[i], self.m[i], self.v[i], self.cfg[i]
+            lr = self.lr * lr_mul * lr_mult
+            wd = (self.lr * lr_mul * (lr_mult if wd_mult is None else wd_mult)) ** 2 * self.weight_decay * wd_mul
+            shard = p[self.comm.rank * m.size(0):(self.comm.rank + 1) * m.size(0)] if self.sharded[i] else p
+            g, P = g.float(), shard.float()
+            if self.wd_mode == "l2": g = g + wd * P
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            upd = m / (v.sqrt() + self.eps) * (lr * (1 - b2 ** self.t) ** 0.5 / (1 - b1 ** self.t))
+            new = (P * (1 - decay_rate(upd, P, wd, self.wd_mode, strict=True)) - upd).to(p.dtype)
+            if self.sharded[i]: gathers.append(self.comm.all_gather(p, new))
+            else: p.copy_(new)
         for work in gathers:
             if work is not None: work.wait()
+
+    def copy_state(self, src, dst):  # the untie: dst continues with src's moments
+        i, j = (next(k for k, p in enumerate(self.params) if p is q) for q in (src, dst))
+        self.m[j].copy_(self.m[i])
+        self.v[j].copy_(self.v[i])
 
     def state(self):
         return [dict(m=m, v=v) for m, v in zip(self.m, self.v)]
@@ -568,11 +688,10 @@ def take_slots(tokens, bos, ptr, n_slots, slot_len, max_seq):
     return slots, ptr
 
 class TrainLoader:
-    """Each step is 8 slots of train_batch_size/8 (+1) tokens, all from one shard; rank r takes slots r, r+world, ..."""
+    """Each step is 8 slots of batch_size/8 (+1) tokens, all from one shard; rank r takes slots r, r+world, ..."""
     def __init__(self, h, rank, world, device, file_idx=0, ptr=0, epoch=0):
         self.files = list_files(h.train_files, "train")
         self.h, self.rank, self.world, self.device = h, rank, world, device
-        self.slot_len = h.train_batch_size // 8
         self.file_idx, self.ptr, self.epoch = file_idx, ptr, epoch
         self._load(file_idx)
 
@@ -603,41 +722,52 @@ class TrainLoader:
     def state(self):
         return dict(file_idx=self.file_idx, ptr=self.ptr, epoch=self.epoch)
 
-    def next_step(self):
-        """This rank's micro-batches for one step, a list of (inputs int32, targets int64), and all 8 slots' piece
-        lengths."""
+    def next_step(self, batch_size, max_seq_len):
+        """This rank's micro-batches for one step, a list of (inputs int32, targets int64, bigram rows int32 or
+        None), and all 8 slots' piece lengths. Tokens and bigram rows travel in one pinned buffer."""
+        slot_len = batch_size // 8
         for shards_tried in range(len(self.files) + 1):
-            out = take_slots(self.tokens, self.bos, self.ptr, 8, self.slot_len, self.h.train_max_seq_len)
+            out = take_slots(self.tokens, self.bos, self.ptr, 8, slot_len, max_seq_len)
             if out is not None: break
-            if shards_tried == len(self.files): raise no_step_error(self.h)  # each shard tried from its start
+            if shards_tried == len(self.files): raise no_step_error(self.h, slot_len)  # each shard tried from its start
             self._advance()
         slots, self.ptr = out
-        batches = []
+        batches, rows = [], self.h.bigram_vocab_size
         for starts, ends in slots[self.rank::self.world]:
-            buf = torch.from_numpy(np.concatenate([self.tokens[s:e] for s, e in zip(starts, ends)]).astype(np.int32))
+            tokens = np.concatenate([self.tokens[s:e] for s, e in zip(starts, ends)]).astype(np.int32)
+            if rows: tokens = np.stack([tokens, np.append(bigram_index(tokens[:-1], rows), 0)])
+            buf = torch.from_numpy(tokens)
             if self.device.type == "cuda": buf = buf.pin_memory()
             buf = buf.to(self.device, non_blocking=True)
-            batches.append((buf[:-1], buf[1:].long()))
+            toks = buf[0] if rows else buf
+            batches.append((toks[:-1], toks[1:].long(), buf[1, :-1] if rows else None))
         return batches, [np.subtract(e, s) for s, e in slots]
 
-def check_train_data(h, steps, file_idx=0, ptr=0):
-    """Before training: the train shards the run will read have ids < vocab size and hold `steps` steps of BOS-aligned
-    slots from (file_idx, ptr) on, counted as the loader takes them; with --repeat_data: all shards, and one step."""
-    files, slot_len, found = list_files(h.train_files, "train"), h.train_batch_size // 8, 0
+def check_train_data(h, shapes, file_idx=0, ptr=0):
+    """Before training: the train shards the run will read have ids < vocab size and hold its steps of BOS-aligned
+    slots from (file_idx, ptr) on, counted as the loader takes them; shapes: (slot length, longest piece) of each
+    step. With --repeat_data: all shards, and each shape fits one of them."""
+    files, found = list_files(h.train_files, "train"), 0
+    fits = dict.fromkeys(shapes, False)
     for i in range(0 if h.repeat_data else file_idx, len(files)):
         tokens = load_shard(files[i], h.vocab_size)
         bos, p = np.flatnonzero(tokens == BOS), ptr if i == file_idx and not h.repeat_data else 0
-        while found < steps and (out := take_slots(tokens, bos, p, 8, slot_len, h.train_max_seq_len)) is not None:
+        if h.repeat_data:
+            for shape in fits: fits[shape] = fits[shape] or take_slots(tokens, bos, 0, 8, *shape) is not None
+            continue
+        while found < len(shapes) and (out := take_slots(tokens, bos, p, 8, *shapes[found])) is not None:
             found, p = found + 1, out[1]
-        if found == steps and not h.repeat_data: return
-    if found == steps or (h.repeat_data and found > 0): return
-    if h.repeat_data: raise no_step_error(h)
+        if found == len(shapes): return
+    if h.repeat_data:
+        missing = [slot for (slot, _), ok in fits.items() if not ok]
+        if missing: raise no_step_error(h, missing[0])
+        return
     raise UserError(f"train files {h.train_files} hold {found} steps of BOS-aligned data from where the run starts, it "
-                    f"needs {steps}: download more shards or pass --repeat_data=1")
+                    f"needs {len(shapes)}: download more shards or pass --repeat_data=1")
 
-def no_step_error(h):
+def no_step_error(h, slot_len):
     return UserError(f"train files {h.train_files}: no shard holds one step of BOS-aligned data (8 slots of "
-                     f"{h.train_batch_size // 8 + 1} tokens from documents that start with token {BOS}): use larger "
+                     f"{slot_len + 1} tokens from documents that start with token {BOS}): use larger "
                      "shards or a smaller --train_batch_size")
 
 def load_val(h):
@@ -681,76 +811,90 @@ PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e1
 class Trainer:
     def __init__(self, h, rank, world, device):
         self.h, self.rank, self.world, self.device = h, rank, world, device
-        self.comm = Comm(rank, world)
-        max_len = max(h.train_batch_size // 8, -(-min(h.val_seq_len, h.val_tokens) // BLOCK) * BLOCK)  # rotary table
+        self.comm, self.schedule = Comm(rank, world), Schedule(h)
+        # rotary table: the longest training slot or validation slab
+        max_len = max(max(h.train_batch_size) // 8, -(-min(h.val_seq_len, h.val_tokens) // BLOCK) * BLOCK)
         torch.manual_seed(h.seed)
         # CPU: fp32 compute (bf16 matmuls are ~10x slower than fp32 there), otherwise the same code
         self.model = GPT(h, max_len, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
         if world > 1:
-            for p in self.model.parameters(): dist.broadcast(p.data, 0)
+            for t in [*self.model.parameters(), *self.model.buffers()]: dist.broadcast(t.data, 0)
         self.flex = device.type == "cuda"
         self.fwd = torch.compile(self.model, dynamic=False, fullgraph=True) if h.compile else self.model
         m = self.model
         muon = [("attn", b.attn.qkvo_w) for b in m.blocks if b.attn]
         muon += [("mlp", p) for b in m.blocks if b.mlp for p in (b.mlp.c_fc, b.mlp.c_proj)]
-        muon += [("gate", b.attn.gate.weight) for b in m.blocks if b.attn] + [("gate", m.smear_gate.weight)]
-        lr_muls = [(m.scalars, 5.0), (m.lm_head.weight, 1.0), (m.embed.weight, 75.0)]
-        for p, mul in lr_muls + [(e.weight, 75.0) for e in m.value_embeds]:
-            p.lr_mul = mul
-        self.adam_params = [m.scalars, m.lm_head.weight, m.embed.weight] + [e.weight for e in m.value_embeds]
+        self.muon_params = [p for _, p in muon]
+        adam = [(p, *ADAM_PARAMS[next(k for k in ADAM_PARAMS if k in name)]) for name, p in m.named_parameters()
+                if all(p is not q for q in self.muon_params)]
+        self.adam_params = [p for p, *_ in adam]
         ortho = torch.compile(polar_express, dynamic=False, fullgraph=True) if h.compile else polar_express
         self.muon = NorMuon(muon, self.comm, h.lr, h.beta2, h.weight_decay, ortho, h.wd_mode)
-        self.adam = DistAdam(self.adam_params, self.comm, h.adam_lr, (h.adam_beta1, h.adam_beta2), h.adam_eps,
-                             h.adam_weight_decay, h.wd_mode)
-        self.muon_params = [p for _, p in muon]
+        self.adam = DistAdam(adam, self.comm, h.adam_lr, h.adam_eps, h.adam_weight_decay, h.wd_mode)
+        self.tied = True  # the embedding is the head's weight until the schedule's untie step
         self.ema = [p.detach().float().clone() for p in m.parameters()] if h.ema_decay > 0 else None  # fp32, on device
         self.snapshots = []  # --average_last: (step, weights in host memory)
         self.loss_sum = torch.zeros((), device=device)  # training loss summed on the device: no host sync in the step
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def set_windows(self, step):
-        short, long = window_blocks(step, self.h)
+        short, long = self.schedule.at(step).windows
         if step < self.h.num_iterations: self.model.rotary.set_window(long)  # no YaRN for the final validation window
         return short, long
 
     def train_step(self, step, loader):
         """One optimizer step. Returns its (short, long) windows and piece lengths (for FLOP counting)."""
         self.model.train()
-        windows = self.set_windows(step)
-        batches, lengths = loader.next_step()
-        for inputs, targets in batches:
-            loss = self.fwd(inputs, targets, self.model.layer_masks(make_masks(inputs, windows, self.flex)))
+        plan, windows = self.schedule.at(step), self.set_windows(step)
+        batches, lengths = loader.next_step(plan.batch_size, plan.max_seq_len)
+        mtp = torch.tensor(plan.mtp, device=self.device)  # tensors: a new value does not recompile
+        prefix = torch.tensor(plan.prefix, device=self.device)
+        for inputs, targets, bigram in batches:
+            masks = self.model.layer_masks(make_masks(inputs, windows, self.flex))
+            loss, next_token_loss = self.fwd(inputs, targets, bigram, masks, mtp, prefix)
             (loss / 8).backward()  # gradients summed over ranks and micro-batches = mean over the 8 slots
-            self.loss_sum += loss.detach()
-        lr = lr_schedule(step, self.h)
-        wd = lr if self.h.wd_schedule == "lr" else 1.0  # weight decay on the LR schedule (the record) or at the peak lr
-        self.muon.step(lr, muon_momentum(step, self.h), wd)
+            self.loss_sum += next_token_loss.detach()
+        wd = plan.lr if self.h.wd_schedule == "lr" else 1.0  # decay on the LR schedule (the record) or the peak lr
+        self.muon.step(plan.lr, muon_momentum(step, self.h), wd)
         for p in self.muon_params: p.grad = None
         if step % 2 == 1:  # Adam steps every other step, on gradients accumulated over two steps
-            self.adam.step(lr, wd)
+            head, embed = self.model.lm_head.weight, self.model.embed.weight
+            if self.tied:  # one parameter used twice: the embedding's gradient joins the head's
+                head.grad += embed.grad
+            self.adam.step(plan.lr, wd, skip=[embed] if self.tied else [])
+            if self.tied: embed.data.copy_(head.data)
+            if step == self.schedule.untie_step:
+                self.adam.copy_state(head, embed)
+                self.tied = False
             for p in self.adam_params: p.grad = None
         if self.ema is not None: self.update_ema(step)
         return windows, lengths
 
     def kernel_warmup(self, n_steps, log):
-        """Compile and warm up kernels on every training window, a line per window phase; then restore all state."""
+        """Compile and warm up kernels on every training shape (windows, slot length, number of predictions), a line
+        per phase; then restore all state."""
         h, m = self.h, self.model
         saved = copy.deepcopy(dict(model=m.state_dict(), opt=self.muon.state() + self.adam.state(), t=self.adam.t,
                                    grads=[p.grad for p in self.adam_params], ema=self.ema, loss=self.loss_sum))
-        rot = (m.rotary.freq, m.rotary.attn_scale, m.rotary.ws)
+        rot, tied = (m.rotary.freq, m.rotary.attn_scale, m.rotary.ws), self.tied
         loader = TrainLoader(h, self.rank, self.world, self.device)
-        stages = sorted({window_blocks(s, h): s for s in reversed(range(h.num_iterations))}.values())  # first steps
-        phase_steps = [sum(i * len(stages) // n_steps == k for i in range(n_steps)) for k in range(len(stages))]
-        for k, (stage, n) in enumerate(zip(stages, phase_steps)):
+        firsts = {}
+        for s in range(h.num_iterations):
+            plan = self.schedule.at(s)
+            firsts.setdefault((plan.windows, plan.batch_size, len(plan.mtp)), s)
+        phases = sorted(firsts.values())
+        phase_steps = [sum(i * len(phases) // n_steps == k for i in range(n_steps)) for k in range(len(phases))]
+        for k, (step, n) in enumerate(zip(phases, phase_steps)):
             t0 = time.perf_counter()
-            for _ in range(n): self.train_step(stage, loader)
+            for _ in range(n): self.train_step(step, loader)
             self.sync()
-            if n: log(f"kernel warmup {k + 1}/{len(stages)}: windows {window_blocks(stage, h)}, {n} steps, "
-                      f"{time.perf_counter() - t0:.1f}s (untimed)")
+            plan = self.schedule.at(step)
+            if n: log(f"kernel warmup {k + 1}/{len(phases)}: windows {plan.windows}, {plan.batch_size} tokens, "
+                      f"{len(plan.mtp)} predictions, {n} steps, {time.perf_counter() - t0:.1f}s (untimed)")
         m.load_state_dict(saved["model"])
         for live, keep in zip(self.muon.state() + self.adam.state(), saved["opt"]):
             for k in live: live[k].copy_(keep[k])
-        self.adam.t, self.ema = saved["t"], saved["ema"]
+        self.adam.t, self.ema, self.tied = saved["t"], saved["ema"], tied
         for p, g in zip(self.adam_params, saved["grads"]): p.grad = g
         for p in self.muon_params: p.grad = None
         m.rotary.freq, m.rotary.attn_scale, m.rotary.ws = rot
@@ -768,12 +912,13 @@ class Trainer:
     def average(self):  # uniform, in fp32
         return [sum(w.float() for w in ws) / len(ws) for ws in zip(*(snap for _, snap in self.snapshots))]
 
-    def train_loss(self, steps):
-        """Mean training loss per token over the last `steps` steps, read at validation. Collective."""
+    def train_loss(self, tokens):
+        """Mean next-token training loss over the `tokens` tokens since the last read, read at validation.
+        Collective."""
         total = self.loss_sum.clone()
         self.loss_sum.zero_()
         if self.world > 1: dist.all_reduce(total)
-        return total.item() / (steps * self.h.train_batch_size)
+        return total.item() / tokens
 
     @torch.no_grad()
     def evaluate(self, step, val):
@@ -782,12 +927,15 @@ class Trainer:
         S, total = self.h.val_seq_len, torch.zeros((), device=self.device)
         slabs = list(range(0, self.h.val_tokens, S))
         for s in slabs[self.rank::self.world]:
-            buf = torch.from_numpy(val[s:min(s + S, self.h.val_tokens) + 1].astype(np.int64)).to(self.device)
-            pad = -(buf.numel() - 1) % BLOCK  # whole blocks; the padded targets, after the real ones, are ignored
-            inputs = F.pad(buf[:-1], (0, pad)).int()
-            targets = F.pad(buf[1:], (0, pad), value=-100)
+            tokens = val[s:min(s + S, self.h.val_tokens) + 1].astype(np.int64)
+            pad = -(tokens.size - 1) % BLOCK  # whole blocks; the padded targets, after the real ones, are ignored
+            inputs = np.pad(tokens[:-1], (0, pad))
+            bigram = bigram_index(inputs, self.h.bigram_vocab_size) if self.h.bigram_vocab_size else None
+            inputs, bigram = (None if a is None else torch.from_numpy(a).int().to(self.device)
+                              for a in (inputs, bigram))
+            targets = F.pad(torch.from_numpy(tokens[1:]).to(self.device), (0, pad), value=-100)
             masks = self.model.layer_masks(make_masks(inputs, windows, self.flex))
-            total += self.fwd(inputs, targets, masks, self.h.val_head_chunk)
+            total += self.fwd(inputs, targets, bigram, masks, head_chunk=self.h.val_head_chunk)
         if self.world > 1: dist.all_reduce(total)
         return total.item() / self.h.val_tokens
 
@@ -810,8 +958,8 @@ class Trainer:
 
     def state_dict(self):
         """World-size independent: optimizer shards are gathered. Collective: every rank calls it."""
-        def gather(t):
-            if self.world == 1: return t.cpu()
+        def gather(t, sharded=True):
+            if self.world == 1 or not sharded: return t.cpu()
             out = t.new_empty(t.size(0) * self.world, *t.shape[1:])
             dist.all_gather_into_tensor(out, t.contiguous())
             return out.cpu()
@@ -825,9 +973,9 @@ class Trainer:
             g = p.grad.clone()
             if self.world > 1: dist.all_reduce(g)
             pending.append(g.cpu())
-        return dict(model={k: v.cpu() for k, v in self.model.state_dict().items()}, muon=muon,
-                    adam=[{k: gather(v) for k, v in s.items()} for s in self.adam.state()], adam_t=self.adam.t,
-                    adam_pending=pending,
+        adam = [{k: gather(v, sh) for k, v in s.items()} for s, sh in zip(self.adam.state(), self.adam.sharded)]
+        return dict(model={k: v.cpu() for k, v in self.model.state_dict().items()}, muon=muon, adam=adam,
+                    adam_t=self.adam.t, adam_pending=pending, tied=self.tied,
                     ema=None if self.ema is None else [t.cpu() for t in self.ema], snapshots=self.snapshots)
 
     def load_state_dict(self, sd):
@@ -838,11 +986,13 @@ class Trainer:
                 full = torch.zeros(n, *t.shape[1:], dtype=t.dtype)
                 full[:saved[key].size(0)] = saved[key]
                 t.copy_(full[self.rank * t.size(0):(self.rank + 1) * t.size(0)])
-        for s, saved in zip(self.adam.state(), sd["adam"]):
-            for key, t in s.items(): t.copy_(saved[key][self.rank * t.size(0):(self.rank + 1) * t.size(0)])
+        for s, sharded, saved in zip(self.adam.state(), self.adam.sharded, sd["adam"]):
+            for key, t in s.items():
+                t.copy_(saved[key][self.rank * t.size(0):(self.rank + 1) * t.size(0)] if sharded else saved[key])
         self.adam.t = sd["adam_t"]
         for p, g in zip(self.adam_params, sd["adam_pending"]):  # rank 0 holds the summed pending gradient
             p.grad = None if g is None else (g.to(p.device) if self.rank == 0 else torch.zeros_like(p))
+        self.tied = sd["tied"]
         if self.ema is not None:  # a checkpoint without a shadow starts it from its weights
             if sd.get("ema"): self.ema = [t.to(self.device) for t in sd["ema"]]
             else: self.ema = [p.detach().float().clone() for p in self.model.parameters()]
@@ -868,28 +1018,60 @@ def environment(h, world):
     lines += ["hyperparameters:"] + [f"  {k}={v!r}" for k, v in dataclasses.asdict(h).items()] + [f"world_size={world}"]
     return "\n".join(lines)
 
+def prefix_vocab(h):
+    """The byte strings and ids of --prefix_encoding's tokens (tiktoken), loaded before the clock starts."""
+    try:
+        import tiktoken
+        return tiktoken.get_encoding(h.prefix_encoding)._mergeable_ranks
+    except Exception as e:  # no network, no cache, unknown name: tiktoken raises several types
+        raise UserError(f"--prefix_encoding={h.prefix_encoding}: tiktoken cannot load it ({type(e).__name__}); the "
+                        "prefix-token loss needs its vocabulary: run once online to cache it, or pass --prefix_weight=0"
+                        ) from None
+
+def prefix_table(vocab, vocab_size):
+    """Token id -> id of the token whose bytes are the longest proper prefix of its bytes; -1: none. In sorted byte
+    order every prefix comes before its extensions, so one pass with a stack of the current prefixes finds it."""
+    table, stack = np.full(vocab_size, -1, dtype=np.int64), []
+    for token, tid in sorted(vocab.items()):
+        while stack and not token.startswith(stack[-1][0]): stack.pop()
+        if stack and tid < vocab_size: table[tid] = stack[-1][1]
+        stack.append((token, tid))
+    return table
+
 RANGES = [  # (fields, rule, what the rule says): every numeric hyperparameter is checked before any work
     (("val_tokens", "val_seq_len", "val_head_chunk", "train_batch_size", "train_max_seq_len", "num_iterations",
-      "num_heads", "ws_extension", "ws_validate"), lambda v: v >= 1, ">= 1"),
+      "num_heads", "ws_extension", "ws_validate", "bigram_sign_rows"), lambda v: v >= 1, ">= 1"),
     (("num_extension_iterations", "warmup_steps", "val_loss_every", "momentum_warmup_steps", "momentum_cooldown_steps",
-      "kernel_warmup_steps", "checkpoint_every", "average_last", "weight_decay", "adam_weight_decay", "min_lr_frac"),
-     lambda v: v >= 0, ">= 0"),
+      "kernel_warmup_steps", "checkpoint_every", "average_last", "weight_decay", "adam_weight_decay", "min_lr_frac",
+      "stage_lr", "untie_stage", "bigram_vocab_size"), lambda v: v >= 0, ">= 0"),
     (("lr", "adam_lr", "adam_eps"), lambda v: v > 0, "> 0"),
-    (("momentum", "momentum_min", "beta2", "adam_beta1", "adam_beta2", "ema_decay"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("momentum", "momentum_min", "beta2", "ema_decay"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("cooldown_frac",), lambda v: 0 < v <= 1, "in (0, 1]")]
 
 def validate(h, world):
     for names, rule, what in RANGES:
         for name in names:
             value = getattr(h, name)
-            if not math.isfinite(value): raise UserError(f"--{name}={value} must be a finite number")
-            if not rule(value): raise UserError(f"--{name}={value} must be {what}")
-    S = h.num_iterations - h.num_extension_iterations
+            for v in value if isinstance(value, tuple) else (value,):
+                if not math.isfinite(v): raise UserError(f"--{name}={flag_value(value)} must be a finite number")
+                if not rule(v): raise UserError(f"--{name}={flag_value(value)} must be {what}")
+    S, n = h.num_iterations - h.num_extension_iterations, len(h.ws_schedule)
+    for name in ("train_batch_size", "train_max_seq_len", "stage_lr"):
+        if len(getattr(h, name)) not in (1, n):
+            raise UserError(f"--{name}={flag_value(getattr(h, name))}: give one value or one per stage "
+                            f"({n} stages, as --ws_schedule)")
+    if any(len(start) != 1 for start, _ in stage_weights(h.prefix_weight, n, "prefix_weight")):
+        raise UserError(f"--prefix_weight={h.prefix_weight}: give one weight per stage ('w' or 'start>end')")
+    if any(not 0 < len(start) <= 8 for start, _ in stage_weights(h.mtp_weights, n, "mtp_weights")):
+        raise UserError(f"--mtp_weights={h.mtp_weights}: give 1 to 8 weights per stage")
     need_w = int(h.lr_schedule == "noam")
     if h.lr_schedule in ("warmup", "warmup_decay"): need_w = 2 if h.warmup_type == "log" else 1
     checks = [
         (8 % world == 0, f"world size {world} does not divide 8: use 1, 2, 4 or 8 processes"),
-        (h.train_batch_size % (8 * BLOCK) == 0, f"--train_batch_size={h.train_batch_size}: use a multiple of 1024"),
+        (all(b % (8 * BLOCK) == 0 for b in h.train_batch_size),
+         f"--train_batch_size={flag_value(h.train_batch_size)}: use multiples of 1024"),
+        (h.bigram_vocab_size == 0 or (h.bigram_vocab_size >= 2 and h.bigram_vocab_size % 8 == 0),
+         f"--bigram_vocab_size={h.bigram_vocab_size}: use 0 (none) or a multiple of 8"),
         (0 < S, "--num_extension_iterations must be smaller than --num_iterations"),
         (h.model_dim % h.num_heads == 0 and (h.model_dim // h.num_heads) % 4 == 0,
          "--model_dim must be --num_heads times a multiple of 4"),
@@ -926,7 +1108,7 @@ def load_checkpoint(h):
     except Exception as e:  # torch raises several types for a file that is not a whole checkpoint
         raise UserError(f"--resume={h.resume}: cannot be read as a checkpoint ({type(e).__name__}): truncated, or not "
                         "a state_step*.pt saved by train_gpt.py") from None
-    if not isinstance(sd, dict) or not {"model", "muon", "adam", "step", "hyperparameters"} <= sd.keys():
+    if not isinstance(sd, dict) or not {"model", "muon", "adam", "step", "tied", "hyperparameters"} <= sd.keys():
         raise UserError(f"--resume={h.resume}: not a checkpoint of train_gpt.py (no model and optimizer state in it)")
     saved, now = sd["hyperparameters"], dataclasses.asdict(h)
     # every field but this run's own file names (--resume, --run_id)
@@ -963,7 +1145,10 @@ def main(argv):
     val = load_val(h)
     sd, resume_changes = load_checkpoint(h) if h.resume else (None, "")
     start, train_ms, loader_state = (sd["step"], sd["train_ms"], sd["loader"]) if sd else (0, 0.0, dict())
-    check_train_data(h, h.num_iterations - start, loader_state.get("file_idx", 0), loader_state.get("ptr", 0))
+    plans = Schedule(h).plans
+    shapes = [(p.batch_size // 8, p.max_seq_len) for p in plans[start:h.num_iterations]]
+    check_train_data(h, shapes, loader_state.get("file_idx", 0), loader_state.get("ptr", 0))
+    vocab = prefix_vocab(h) if any(p.prefix > 0 for p in plans[start:]) else None  # tiktoken, before the clock
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -999,7 +1184,7 @@ def main(argv):
         except (RuntimeError, KeyError, IndexError, ValueError) as e:
             raise UserError(f"--resume={h.resume}: its state does not fit this script's model or optimizer "
                             f"({str(e).splitlines()[0][:200]})") from None
-        for s in range(start): trainer.model.rotary.set_window(window_blocks(s, h)[1])
+        for s in range(start): trainer.model.rotary.set_window(plans[s].windows[1])
         log(f"resumed from {h.resume} at step {start}"
             + (f"; changed since it was saved: {resume_changes}" if resume_changes else ""))
     del sd
@@ -1014,6 +1199,8 @@ def main(argv):
         if b.attn: n_attn["long" if i in trainer.model.lay["long"] else "short"] += 1
     total_flops, val_loss, last_val = 0.0, float("nan"), start
     clock = Clock(train_ms, trainer.sync)
+    if vocab is not None:  # the prefix-token table is built on the clock, as the record
+        trainer.model.prefix_table.copy_(torch.from_numpy(prefix_table(vocab, h.vocab_size)))
     for step in range(start, h.num_iterations + 1):
         last = step == h.num_iterations
         PROGRESS["at"] = f"at step {step} of {h.num_iterations}"
@@ -1023,7 +1210,8 @@ def main(argv):
             clock.start()
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             clock.stop()
-            train_loss, diverged = trainer.train_loss(step - last_val) if step > last_val else None, None
+            tokens = sum(p.batch_size for p in plans[last_val:step])
+            train_loss, diverged = trainer.train_loss(tokens) if step > last_val else None, None
             if train_loss is not None and not math.isfinite(train_loss):
                 diverged = f"the training loss became non-finite between steps {last_val + 1} and {step}"
             else:
@@ -1061,7 +1249,8 @@ def main(argv):
                 "(--repeat_data=1)")
         pairs = {kind: sum(attention_pairs(piece_lengths, ws * BLOCK) for piece_lengths in lengths)
                  for kind, ws in zip(("short", "long"), windows)}
-        total_flops += flops_token * h.train_batch_size + 12 * h.model_dim * sum(n_attn[k] * pairs[k] for k in pairs)
+        attention_flops = 12 * h.model_dim * sum(n_attn[k] * pairs[k] for k in pairs)
+        total_flops += flops_token * plans[step].batch_size + attention_flops
         elapsed = clock.now()
         log(f"step:{step + 1}/{h.num_iterations} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
 
@@ -1074,7 +1263,7 @@ def main(argv):
         log("peak memory allocated: 0 MiB reserved: 0 MiB")
         peak = None
     seconds = max((clock.ms - train_ms) / 1000, 1e-9)  # this process's steps and time (after a resume too)
-    tokens_per_s = (h.num_iterations - start) * h.train_batch_size / seconds
+    tokens_per_s = sum(p.batch_size for p in plans[start:h.num_iterations]) / seconds
     mfu = f"{100 * total_flops / seconds / (peak * world):.1f}%" if peak else "n/a"
     log(f"summary val_loss:{val_loss:.4f} train_time:{clock.ms:.0f}ms tokens_per_s:{tokens_per_s:.0f} mfu:{mfu}"
         + (f" mfu_peak_tflops:{peak / 1e12:.0f}" if peak else ""))

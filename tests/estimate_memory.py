@@ -1,13 +1,16 @@
-"""Peak memory of one record-size training step of train_gpt.py on one rank of 8, estimated on a CPU.
+"""Peak memory of the largest training steps of train_gpt.py on one rank of 8, estimated on a CPU.
 
     python tests/estimate_memory.py
 
 Nothing is allocated: the model, the optimizers and the step run on FakeTensorMode tensors (shapes and dtypes only),
 and torch's MemTracker (torch.distributed._tools.mem_tracker) adds up the bytes of the storages alive after every
 operator. What runs is the real code: Trainer(h, rank=0, world=8) with the default Hyperparameters (12 layers, width
-768, a slot of 32,768 tokens, vocab 50304) and two train_step calls (the second one also runs Adam, on gradients
-accumulated over both steps), with the choices Trainer and GPT make on an H100: bf16 model, FlexAttention BlockMasks,
-FP8 head. The step runs eagerly (no torch.compile). To make that possible on a CPU build of torch, and nothing else:
+768, vocab 50304, a bigram hash table of 377,280 rows) and two consecutive train_step calls of the last stage after the
+untie (steps 848 and 849 of the default schedule: a slot of 393,216 / 8 = 49,152 tokens, windows (5, 11), one
+prediction, no prefix loss; the second step also runs Adam, on gradients accumulated over both steps), with
+trainer.tied = False as a run resumed there has it, and with the choices Trainer and GPT make on an H100: bf16 model,
+FlexAttention BlockMasks, FP8 head. The step runs eagerly (no torch.compile). To make that possible on a CPU build of
+torch, and nothing else:
 - the tensors are fake CPU tensors (a CPU build cannot index a fake CUDA tensor), so GPT gets the dtype Trainer picks
   on CUDA (bf16), Trainer.flex and lm_head.fp8 are set as on an H100, and the GPT is built on the meta device (a module
   built under FakeTensorMode cannot be cast with .to);
@@ -22,14 +25,19 @@ from unittest import mock
 
 import torch
 
-REFERENCE_PEAK_MIB = 29248  # shared/reference/modded_nanogpt.md §1.0: record #43, peak allocated per GPU (8xH100)
+# shared/reference/modded_nanogpt.md §1.0: record #43, peak allocated per GPU (8xH100), of its step of 262,144 tokens
+# (32,768 a GPU); record #89's memory is not in the reference
+REFERENCE_PEAK_MIB = 29248
 REFERENCE_RESERVED_MIB = 50528
 WORLD = 8
 GB = 1e9
 
 LEFT_OUT = """left out of the estimate:
-- torch.compile: the compiled graph fuses pointwise chains (rms_norm, rotary, relu^2, the softcap and the cross-entropy)
-  and its partitioner keeps fewer tensors for backward, recomputing cheap ones: the compiled peak is likely lower
+- torch.compile: the compiled graph fuses pointwise chains (rms_norm, rotary, relu^2, the bigram sign product, the
+  softcap, its fp32 upcast and the log-softmax) and its partitioner keeps fewer tensors for backward, recomputing cheap
+  ones: the compiled peak is likely lower, most of all at the head, where the eager loss keeps the softcap's sigmoid
+  (bf16) and the log-softmax (fp32) of the 49,152 x 50,304 logits and its backward adds two fp32 gradients of that
+  size (record #89 runs a fused softcapped cross-entropy kernel instead)
 - FlexAttention's compiled kernels: their workspace is not modelled (the operator's outputs and gradients are)
 - the FP8 head's kernels: _scaled_mm's internals and the scaled bf16 copies inside fp8_mm / fp8_mm_backward (only the
   operator's outputs count: bf16 logits, e4m3 copies of x and W, and in backward grad_x bf16 and grad_w fp32)
@@ -37,7 +45,9 @@ LEFT_OUT = """left out of the estimate:
   what "reserved" adds (the reference reserved 50,528 MiB for its 29,248 MiB allocated)
 - NCCL's own buffers and the CUDA context (outside torch's allocator); the Polar Express kernels' workspace
 - main() around the step: the untimed kernel warmup keeps a deepcopy of weights and optimizer state (printed above),
-  validation (262,144 tokens per forward, no grad), --ema_decay and --average_last state"""
+  validation (262,144 tokens per forward, no grad), --ema_decay and --average_last state
+- the steps of stages 1 and 2 (slots of 16,384 and 32,768 tokens, 3 and 2 predictions, a prefix loss) and the untie
+  step itself (Adam's moments of the head copied to the embedding's: no new memory)"""
 
 
 class Work:
@@ -60,6 +70,9 @@ class NoCollectives:
     def all_gather_into_tensor(self, out, shard, async_op):
         return Work(out, shard)
 
+    def all_reduce(self, tensor, async_op=False):  # in place: DistAdam's replicated parameters (the gates)
+        return Work(tensor) if async_op else None
+
 
 class FusedRMSNorm(torch.autograd.Function):
     """F.rms_norm as CUDA runs it (aten._fused_rms_norm, one kernel each way): backward keeps the input and one fp32
@@ -81,13 +94,26 @@ class FusedRMSNorm(torch.autograd.Function):
 
 
 class OneSlotLoader:
-    """next_step() of TrainLoader on rank 0 of 8: one slot of fake tokens (their values do not matter to memory)."""
-    def __init__(self, slot_len, vocab_size):
-        self.slot_len, self.vocab_size = slot_len, vocab_size
+    """next_step(batch_size, max_seq_len) of TrainLoader on rank 0 of 8: one slot of batch_size / 8 fake tokens and
+    their bigram rows in [0, bigram_rows), in one buffer as TrainLoader sends them (values do not matter to memory)."""
+    def __init__(self, vocab_size, bigram_rows):
+        self.vocab_size, self.bigram_rows = vocab_size, bigram_rows
 
-    def next_step(self):
-        buf = torch.randint(0, self.vocab_size, (self.slot_len + 1,), dtype=torch.int32)
-        return [(buf[:-1], buf[1:].long())], []
+    def next_step(self, batch_size, max_seq_len):
+        n = batch_size // 8 + 1
+        tokens = torch.randint(0, self.vocab_size, (n,), dtype=torch.int32)
+        if not self.bigram_rows:
+            return [(tokens[:-1], tokens[1:].long(), None)], []
+        buf = torch.stack([tokens, torch.randint(0, self.bigram_rows, (n,), dtype=torch.int32)])
+        return [(buf[0, :-1], buf[0, 1:].long(), buf[1, :-1])], []
+
+
+def record_steps(schedule):
+    """The first two steps of the last stage after the untie (848 and 849 by default): an even step, then an odd one
+    that runs Adam on the gradients of both."""
+    first = max(schedule.bounds[schedule.n - 1], schedule.untie_step + 1 if schedule.untie_step is not None else 0)
+    first += first % 2
+    return first, first + 1
 
 
 def step_tracker():
@@ -130,8 +156,8 @@ def optimizer_state(trainer):
     return [t for state in trainer.muon.state() + trainer.adam.state() for t in state.values()]
 
 
-def estimate(h=None, steps=2):
-    """Run `steps` training steps on fake tensors; return the peak, its breakdown and each phase's peak, in bytes."""
+def estimate(h=None):
+    """Run record_steps() on fake tensors; return the peak, its breakdown and each phase's peak, in bytes."""
     import torch.nn.attention.flex_attention as flex_module
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
     import train_gpt as tg
@@ -154,12 +180,15 @@ def estimate(h=None, steps=2):
         trainer = tg.Trainer(h, 0, WORLD, torch.device("cpu"))
         trainer.flex = True
         trainer.model.lm_head.fp8 = True
-        loader = OneSlotLoader(h.train_batch_size // 8, h.vocab_size)
+        steps = record_steps(trainer.schedule)
+        # untied as Trainer.load_state_dict leaves a run resumed at steps[0]
+        trainer.tied = trainer.schedule.untie_step is None or steps[0] <= trainer.schedule.untie_step
+        loader = OneSlotLoader(h.vocab_size, h.bigram_vocab_size)
         tracker = step_tracker()
         tracker.track_external(trainer.model, *optimizer_state(trainer))
         muon_step, adam_step = trainer.muon.step, trainer.adam.step
         with tracker:
-            for step in range(steps):
+            for step in steps:
                 tracker.reset_mod_stats()
                 trainer.fwd = tracker.entering(f"step {step} forward", trainer.model)
                 loss_backward = tracker.entering(f"step {step} backward", torch.Tensor.backward)
@@ -170,8 +199,9 @@ def estimate(h=None, steps=2):
                     trainer.train_step(step, loader)
                 tracker.phase = f"after step {step}"
                 tracker.phase_peaks[tracker.phase] = by_name(tracker.get_tracker_snapshot("current"))["Total"]
-        params = list(trainer.model.parameters())
-        result = dict(peak=by_name(tracker.get_tracker_snapshot("peak")), peak_phase=tracker.peak_phase,
+        params, plan = list(trainer.model.parameters()), trainer.schedule.at(steps[0])
+        result = dict(peak=by_name(tracker.get_tracker_snapshot("peak")), peak_phase=tracker.peak_phase, steps=steps,
+                      slot=plan.batch_size // 8, windows=plan.windows, predictions=len(plan.mtp), tied=trainer.tied,
                       phase_peaks=tracker.phase_peaks, weights=sum(p.nbytes for p in params),
                       optimizer_state=sum(t.nbytes for t in optimizer_state(trainer)),
                       buffers=sum(b.nbytes for b in trainer.model.buffers()),
@@ -181,9 +211,11 @@ def estimate(h=None, steps=2):
 
 
 def report(result):
-    peak = result["peak"]
-    lines = [f"train_gpt.py, default Hyperparameters, rank 0 of {WORLD}: one slot of 32,768 tokens per step, bf16, "
-             "FlexAttention, FP8 head, eager, on fake tensors",
+    peak, (first, second) = result["peak"], result["steps"]
+    lines = [f"train_gpt.py, default Hyperparameters, rank 0 of {WORLD}: steps {first} and {second} (the last stage, "
+             f"{'tied' if result['tied'] else 'untied'}; Adam in step {second}), one slot of {result['slot']:,} tokens "
+             f"per step, windows {result['windows']}, {result['predictions']} prediction(s), bf16, FlexAttention, "
+             "FP8 head, eager, on fake tensors",
              f"parameters: {result['params']:,}",
              f"estimated peak allocated: {peak['Total'] / GB:.2f} GB ({peak['Total'] / 2**20:,.0f} MiB), "
              f"in {result['peak_phase']}",
@@ -191,8 +223,8 @@ def report(result):
              "Temp: backward's):"]
     lines += [f"  {name:<10} {value / GB:6.2f} GB" for name, value in peak.items() if name != "Total" and value > 0]
     lines += [f"weights {result['weights'] / GB:.2f} GB, their gradients {result['weights'] / GB:.2f} GB once "
-              f"backward is done, optimizer state {result['optimizer_state'] / GB:.2f} GB, rotary tables "
-              f"{result['buffers'] / GB:.2f} GB",
+              f"backward is done, optimizer state {result['optimizer_state'] / GB:.2f} GB, buffers (rotary tables, "
+              f"bigram signs, prefix table) {result['buffers'] / GB:.2f} GB",
               "peak allocated in each phase:"]
     lines += [f"  {phase:<28} {value / GB:6.2f} GB" for phase, value in result["phase_peaks"].items()
               if phase != "setup"]
@@ -200,9 +232,10 @@ def report(result):
     reference = REFERENCE_PEAK_MIB * 2**20
     lines += [f"main()'s kernel warmup also holds a deepcopy of the weights and the optimizer state: "
               f"+{warmup_copy / GB:.2f} GB during the warmup steps",
-              f"reference (shared/reference/modded_nanogpt.md, record #43, compiled, 8xH100): peak allocated "
-              f"{REFERENCE_PEAK_MIB:,} MiB = {reference / GB:.1f} GB, reserved {REFERENCE_RESERVED_MIB:,} MiB per GPU; "
-              f"this estimate is {peak['Total'] / reference:.2f} x the reference's peak allocated",
+              f"reference (shared/reference/modded_nanogpt.md): record #43's step of 32,768 tokens a GPU (a smaller "
+              f"one, without a bigram table), compiled, 8xH100: peak allocated {REFERENCE_PEAK_MIB:,} MiB = "
+              f"{reference / GB:.1f} GB, reserved {REFERENCE_RESERVED_MIB:,} MiB per GPU; this estimate is "
+              f"{peak['Total'] / reference:.2f} x that peak allocated; record #89's memory is not published there",
               LEFT_OUT]
     return "\n".join(lines)
 

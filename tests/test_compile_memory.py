@@ -1,4 +1,6 @@
 """train_gpt.py's compiled CPU forward does not recompile across batches; the record step's memory estimate."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,10 +9,13 @@ import torch._dynamo.testing
 import train_gpt as tg
 from tests import estimate_memory
 
-# 5 layers: attention in layers 1 (long window), 3 (short) and 4 (long). Slots of 4 blocks of 128 tokens. Windows
-# (short, long) in blocks: (1, 2) at steps 0-1, (2, 4) at step 2.
-TINY = ["--num_layers=5", "--model_dim=64", "--num_heads=2", "--train_batch_size=4096", "--ws_schedule=2,4",
-        "--num_iterations=4", "--num_extension_iterations=1", "--val_seq_len=512", "--val_tokens=1024", "--compile=0"]
+# 5 layers: attention in layers 1 (long window), 3 (short) and 4 (long). Slots of 4 blocks of 128 tokens. Three stages
+# of 2 steps (bounds round(k * 6 / 3)), then the extension step 6: (short, long) windows in blocks (1, 2) in stages 0
+# and 1, (2, 4) in stage 2; 2, 1 and 2 predictions, whose weights move within stages 0 and 2. The bigram table is
+# small; no prefix loss here (main() would need tiktoken's GPT-2 vocabulary, which is offline): the test sets its own.
+TINY = ["--num_layers=5", "--model_dim=64", "--num_heads=2", "--train_batch_size=4096", "--ws_schedule=2,2,4",
+        "--mtp_weights=1,0.5>1,0.25/1/1,0.5>1,0", "--prefix_weight=0", "--bigram_vocab_size=1024",
+        "--num_iterations=7", "--num_extension_iterations=1", "--val_seq_len=512", "--val_tokens=1024", "--compile=0"]
 
 
 def stream(n, bos_positions, seed):
@@ -21,12 +26,17 @@ def stream(n, bos_positions, seed):
 
 
 class OneBatchLoader:
-    """TrainLoader.next_step() stand-in: one micro-batch with the document boundaries a test chooses."""
-    def __init__(self, tokens):
+    """TrainLoader.next_step() stand-in: one micro-batch with the document boundaries a test chooses, and its bigram
+    hash rows as TrainLoader computes them (None without a bigram table)."""
+    def __init__(self, tokens, bigram_rows):
         self.tokens = tokens
+        self.bigram = None
+        if bigram_rows:
+            self.bigram = torch.from_numpy(tg.bigram_index(tokens[:-1].numpy(), bigram_rows))
 
-    def next_step(self):
-        return [(self.tokens[:-1], self.tokens[1:].long())], []
+    def next_step(self, batch_size, max_seq_len):
+        assert batch_size // 8 == self.tokens.numel() - 1  # the schedule's slot
+        return [(self.tokens[:-1], self.tokens[1:].long(), self.bigram)], []
 
 
 def recompile_reasons():
@@ -47,38 +57,47 @@ def test_compiled_forward_one_graph_per_window_pair_and_mode(one_thread):
     compiles and runs them as traced (torch._dynamo.testing.CompileCounter). Whether a call reuses a graph is decided
     by the guards dynamo installs while tracing, before any backend sees the graph, and with dynamic=False there are
     no symbolic shapes through which AOTAutograd or Inductor could add guards: the counts are those of the default
-    Inductor backend, without its 20-30 s per graph on this CPU."""
-    h = tg.parse_args(TINY)
-    assert [tg.window_blocks(step, h) for step in range(3)] == [(1, 2), (1, 2), (2, 4)]
+    Inductor backend, without its 20-30 s per graph on this CPU. One training graph per (windows, slot length,
+    number of predictions); the MTP and prefix weights are tensors whose values change within a stage."""
+    # a prefix loss whose weight moves in stage 0; the Trainer itself needs no tiktoken (main() fills the table)
+    h = dataclasses.replace(tg.parse_args(TINY), prefix_weight="0.25>0.1/0.1/0")
+    plans = [tg.Schedule(h).at(step) for step in range(6)]
+    assert [plan.windows for plan in plans] == [(1, 2)] * 4 + [(2, 4)] * 2
+    assert [len(plan.mtp) for plan in plans] == [2, 2, 1, 1, 2, 2]
+    assert plans[0].mtp != plans[1].mtp and plans[0].prefix != plans[1].prefix  # same stage, other weights
+    assert plans[4].mtp != plans[5].mtp
     torch._dynamo.reset()
     torch.manual_seed(0)
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
+    V = h.vocab_size
+    trainer.model.prefix_table.copy_(torch.arange(V) - 1)  # any table: its values are data, not guards
     masks = trainer.model.layer_masks(tg.make_masks(stream(512, [0], 0)[:-1], (1, 2), trainer.flex))
     assert [mask.window for mask in masks if mask is not None] == [2, 1, 2]  # both windows are in the graph
     counter = torch._dynamo.testing.CompileCounter()
     trainer.fwd = torch.compile(trainer.model, backend=counter, dynamic=False, fullgraph=True)  # as Trainer, h.compile
     rotary = trainer.model.rotary
     initial_rotary = (rotary.freq, rotary.attn_scale, rotary.ws)
-    slot = h.train_batch_size // 8
-    one_doc = OneBatchLoader(stream(slot, [0], 1))
-    many_docs = OneBatchLoader(stream(slot, range(0, slot + 1, 37), 2))  # boundaries inside blocks
-    block_aligned = OneBatchLoader(stream(slot, [0, 128, 384], 3))
+    slot, rows = h.train_batch_size[0] // 8, h.bigram_vocab_size
+    one_doc = OneBatchLoader(stream(slot, [0], 1), rows)
+    many_docs = OneBatchLoader(stream(slot, range(0, slot + 1, 37), 2), rows)  # boundaries inside blocks
+    block_aligned = OneBatchLoader(stream(slot, [0, 128, 384], 3), rows)
     val = stream(h.val_tokens, [0, 5, 600, 800], 4).numpy()  # two val slabs with other boundaries
-    for step, batch, graphs in [(0, one_doc, 1), (1, many_docs, 1),  # windows (1, 2): one graph
-                                (2, block_aligned, 2), (2, many_docs, 2)]:  # (2, 4): one more
+    for step, batch, graphs in [(0, one_doc, 1), (1, many_docs, 1),  # windows (1, 2), 2 predictions: one graph
+                                (2, block_aligned, 2), (3, many_docs, 2),  # (1, 2), 1 prediction: one more
+                                (4, block_aligned, 3), (5, one_doc, 3)]:  # (2, 4), 2 predictions: one more
         trainer.train_step(step, batch)
         assert counter.frame_count == graphs, (step, recompile_reasons())
     # evaluation (eval mode, no_grad, the chunked head) is a graph of its own, even at the training windows and
     # length; both val slabs share it
-    trainer.evaluate(2, val)
-    assert counter.frame_count == 3, recompile_reasons()
-    # main()'s kernel warmup visits the windows, then restores the rotary state; the timed steps replay the same YaRN
+    trainer.evaluate(4, val)
+    assert counter.frame_count == 4, recompile_reasons()
+    # main()'s kernel warmup visits the shapes, then restores the rotary state; the timed steps replay the same YaRN
     # updates (same attention scales) and find every graph cached, the training graphs after evaluation too
     rotary.freq, rotary.attn_scale, rotary.ws = initial_rotary
     rotary._tables()
-    trainer.train_step(0, block_aligned)
-    trainer.train_step(2, one_doc)
-    assert counter.frame_count == 3, recompile_reasons()
+    for step, batch in [(1, block_aligned), (3, one_doc), (5, many_docs)]:
+        trainer.train_step(step, batch)
+    assert counter.frame_count == 4, recompile_reasons()
     torch._dynamo.reset()
 
 
@@ -88,49 +107,66 @@ def record_estimate():
 
 
 def record_terms(h):
-    """Bytes of the record configuration on rank 0 of 8, by hand from shared/reference/modded_nanogpt.md §1.1: four
-    embedding tables and the head in bf16; qkvo_w in 10 attention layers, c_fc and c_proj in 11 MLP layers, in fp32;
-    bf16 gates (12 -> heads per attention layer, 12 -> 1 smear); 5L + 2 fp32 scalars padded to a multiple of 8."""
-    L, D, V, H = h.num_layers, h.model_dim, h.vocab_size, h.num_heads
-    T, world, bf16, fp32 = h.train_batch_size // 8, 8, 2, 4
-    n_attn, n_mlp, n_scalars = L - 2, L - 1, -(-(5 * L + 2) // 8) * 8
-    tables = 5 * V * D * bf16
-    weights = tables + (n_attn * 4 + n_mlp * 8) * D * D * fp32 + (n_attn * H + 1) * 12 * bf16 + n_scalars * fp32
-    adam_grads = tables + n_scalars * fp32
-    # NorMuon: momentum of ceil(n / world) matrices per group of one shape and dtype; DistAdam: bf16 m and v of
-    # 1 / world of the rows (the second moments of NorMuon are a few kB: within the tolerance of the comparison)
+    """Bytes of the record configuration on rank 0 of 8 at a step of stage 3, by hand from
+    shared/reference/modded_nanogpt.md §1.1 and §2.1: four embedding tables and the head in bf16; the bigram hash
+    table (377,280 x 768) in bf16; qkvo_w in 10 attention layers, c_fc and c_proj in 11 MLP layers, in fp32; bf16 gates
+    (12 -> heads per attention layer, 12 -> 1 smear); 6L + 2 fp32 scalars (skip weights, 2 block lambdas and 2 value
+    lambdas a layer, smear, backout, bigram lambdas) padded to a multiple of 8; slots of 393,216 / 8 tokens."""
+    L, D, V, H, B = h.num_layers, h.model_dim, h.vocab_size, h.num_heads, h.bigram_vocab_size
+    T, world, bf16, fp32 = h.train_batch_size[2] // 8, 8, 2, 4
+    n_attn, n_mlp, n_scalars = L - 2, L - 1, -(-(6 * L + 2) // 8) * 8
+    tables, bigram, gates = 5 * V * D * bf16, B * D * bf16, (n_attn * H + 1) * 12 * bf16
+    weights = tables + bigram + (n_attn * 4 + n_mlp * 8) * D * D * fp32 + gates + n_scalars * fp32
+    adam_grads = tables + bigram + gates + n_scalars * fp32  # Adam steps every other step: they wait a step
+    # NorMuon: momentum of ceil(n / world) matrices per group of one shape and dtype (the second moments of NorMuon
+    # are a few kB: within the tolerance of the comparison); DistAdam: fp32 m and v, of 1 / world of the rows of a
+    # parameter whose rows divide by the world (the tables, the bigram table, the 80 scalars), of all of the others
+    # (the gates: 6 and 1 rows)
     muon_momentum = (-(-n_attn // world) * 4 + -(-2 * n_mlp // world) * 4) * D * D * fp32
-    muon_momentum += (-(-n_attn // world) * H + 1) * 12 * bf16
-    adam_moments = 2 * (tables + n_scalars * bf16) // world
+    adam_moments = 2 * fp32 * ((5 * V * D + B * D + n_scalars) // world + (n_attn * H + 1) * 12)
     # what the eager forward keeps for backward, in bf16 units u = T x D:
     # at least relu(x W) and its square (4 u each) in each MLP, FlexAttention's contiguous q, k, v and its output in
-    # each attention layer, and at the head the softcap's sigmoid and the cross-entropy's log-softmax (T x V each);
+    # each attention layer, the bigram term's sign rows and product; at the head the softcap's sigmoid (bf16) and the
+    # log-softmax of its fp32 upcast (fp32), T x V each, and at the head's first backward operators the gather's
+    # gradient and the log-softmax's gradient join them (fp32, T x V each): 14 bytes T x V at once;
     # at most: a block with attention and MLP keeps 3 residual-stream tensors, the normed input, the qkv projection
     # (3 u), normed q and k, flex's q, k, v and output, the gated output, the MLP's normed input, relu(x W) and its
     # square: 23 u, counted 24; an MLP-only block 11, counted 12; around the blocks (embedding, 3 value embeddings,
-    # smear, x0, 5 skip sums, backout) 13, counted 16; the head 2 T x V, and 2 T x V more at once in backward
+    # smear, x0, 5 skip sums, backout, the looked-up bigram rows, the sign rows and their product) 16, counted 18;
+    # the head: the forward holds the sigmoid and softcap output (bf16), the upcast and the log-softmax (fp32) at
+    # once, 12 bytes T x V, and the first backward operators 14 bytes, counted 14
     u = T * D * bf16
-    saved_at_least = n_mlp * 8 * u + n_attn * 4 * u + 2 * T * V * bf16
-    saved_at_most = (24 * n_attn + 12 * (n_mlp - n_attn) + 16) * u + 4 * T * V * bf16
+    saved_at_least = n_mlp * 8 * u + n_attn * 4 * u + 2 * u + 14 * T * V
+    saved_at_most = (24 * n_attn + 12 * (n_mlp - n_attn) + 18) * u + 14 * T * V
+    rotary = 2 * max(h.val_seq_len, T) * (D // H // 2) * bf16
+    buffers = rotary + h.bigram_sign_rows * D * bf16 + V * 8  # the rotary tables, the bigram signs, the prefix table
     return dict(weights=weights, adam_grads=adam_grads, optimizer_state=muon_momentum + adam_moments,
-                rotary=2 * max(h.val_seq_len, T) * (D // H // 2) * bf16, saved_at_least=saved_at_least,
-                saved_at_most=saved_at_most)
+                buffers=buffers, saved_at_least=saved_at_least, saved_at_most=saved_at_most)
 
 
 def test_record_memory_estimate_against_hand_formula(record_estimate):
     hand = record_terms(tg.Hyperparameters())
+    # stage 3 (393,216 tokens, windows (5, 11), one prediction) after the untie at step 847; step 849 runs Adam
+    assert record_estimate["steps"] == (848, 849) and record_estimate["slot"] == 49152
+    assert record_estimate["windows"] == (5, 11) and record_estimate["predictions"] == 1
+    assert not record_estimate["tied"]
     assert record_estimate["weights"] == hand["weights"]  # the CUDA dtypes: bf16 tables and head, fp32 matrices
     assert record_estimate["peak"]["Parameter"] == hand["weights"]
     assert abs(record_estimate["optimizer_state"] - hand["optimizer_state"]) < 100_000
     assert record_estimate["peak"]["Other"] == record_estimate["optimizer_state"]  # counted at the peak
-    assert record_estimate["buffers"] == hand["rotary"]
-    assert record_estimate["adam_grads_after"] == 0  # step 1 ran Adam, which dropped its gradients
-    static = hand["weights"] + hand["optimizer_state"] + hand["rotary"]
-    # at the end of step 1's forward the weights, the optimizer state, Adam's gradients of step 0 and every saved
-    # activation are alive at once: the peak is at least that
+    assert record_estimate["buffers"] == hand["buffers"]
+    assert record_estimate["peak"]["Buffer"] == hand["buffers"]
+    assert record_estimate["adam_grads_after"] == 0  # step 849 ran Adam, which dropped its gradients
+    # the peak is in step 849's backward at the head, before any gradient of step 849: Adam's of step 848 only
+    assert record_estimate["peak_phase"] == "step 849 backward"
+    assert record_estimate["peak"]["Gradient"] == hand["adam_grads"]
+    static = hand["weights"] + hand["optimizer_state"] + hand["buffers"]
+    # at the start of step 849's backward the weights, the optimizer state, Adam's gradients of step 848, every saved
+    # activation and the head's first gradients are alive at once: the peak is at least that
     assert record_estimate["peak"]["Total"] >= static + hand["adam_grads"] + hand["saved_at_least"]
     # and at most all the forward keeps and the head's backward adds, with all gradients and as much again for the
-    # optimizer's stacked copies (fp32 activations, 45 GB, or a tensor counted twice would break this)
+    # optimizer's stacked copies (fp32 activations in the blocks, 18 GB more, or a T x V tensor counted twice, 5 or
+    # 10 GB, would break this)
     assert record_estimate["peak"]["Total"] <= static + 2 * hand["weights"] + hand["saved_at_most"]
 
 
@@ -149,4 +185,5 @@ def test_fused_rms_norm_stand_in_is_rms_norm():
 def test_memory_report_compares_with_reference(record_estimate):
     text = estimate_memory.report(record_estimate)
     assert f"{record_estimate['peak']['Total'] / 1e9:.2f} GB" in text
-    assert "29,248 MiB" in text and "left out" in text
+    assert "record #43's step of 32,768 tokens a GPU (a smaller one" in text and "29,248 MiB" in text
+    assert "steps 848 and 849" in text and "one slot of 49,152 tokens" in text and "left out" in text

@@ -121,8 +121,7 @@ def test_cautious_mask_decays_only_where_update_shrinks():
 def test_adam_step_against_reference():
     torch.manual_seed(2)
     p = torch.nn.Parameter(torch.randn(16, 8))
-    p.lr_mul = 5.0
-    opt = tg.DistAdam([p], tg.Comm(0, 1), lr=0.008, betas=(0.65, 0.95), eps=1e-8, weight_decay=0.0)
+    opt = tg.DistAdam([(p, (0.65, 0.95), 5.0, 1.0)], tg.Comm(0, 1), lr=0.008, eps=1e-8, weight_decay=0.0)
     ref, m, v = (p.detach().double().clone(), torch.zeros(16, 8, dtype=torch.float64),
                  torch.zeros(16, 8, dtype=torch.float64))
     for t, mult in enumerate([1.0, 0.7, 0.4], start=1):
@@ -133,25 +132,17 @@ def test_adam_step_against_reference():
         v = 0.95 * v + 0.05 * g.double() ** 2
         mhat, vhat = m / (1 - 0.65 ** t), v / (1 - 0.95 ** t)
         ref = ref - 0.008 * 5.0 * mult * mhat / (vhat.sqrt() + 1e-8 / math.sqrt(1 - 0.95 ** t))
-    assert rel(p.detach() - 0, ref) < 1e-2  # moments are bf16, as in the record
+    assert rel(p.detach() - 0, ref) < 1e-6  # fp32 moments, as record #89
 
 # ---------------------------------------------------------------------------------------------- schedules
 
-def test_schedules_at_boundaries():
-    h = tg.Hyperparameters()
-    def lr_ref(s):  # the record's rule, written from the issue: x = min(s/2205, 0.9999); 1, then linear to 0.1
-        x = min(s / 2205, 0.9999)
-        return 1.0 if x < 0.5 else (1 - x) / 0.5 + (1 - (1 - x) / 0.5) * 0.1
-    for s in [0, 1, 1102, 1103, 1500, 2204, 2205, 2230, 2244]:
-        assert tg.lr_schedule(s, h) == pytest.approx(lr_ref(s), abs=1e-12), s
-    assert tg.lr_schedule(1102, h) == 1.0 and tg.lr_schedule(2244, h) == pytest.approx(0.10018, abs=1e-5)
-    mom = {0: 0.85, 150: 0.90, 300: 0.95, 2000: 0.95, 2195: 0.95, 2220: 0.90, 2244: 0.852}
+def test_momentum_and_lr_warmup_at_boundaries():
+    h = tg.Hyperparameters()  # 1285 steps: momentum 0.85 -> 0.95 over 300 steps, back to 0.85 over the last 50
+    mom = {0: 0.85, 150: 0.90, 300: 0.95, 1000: 0.95, 1235: 0.95, 1260: 0.90, 1284: 0.852}
     for s, m in mom.items(): assert tg.muon_momentum(s, h) == pytest.approx(m, abs=1e-9), s
-    windows = {0: (1, 3), 734: (1, 3), 735: (3, 7), 1469: (3, 7), 1470: (5, 11), 2204: (5, 11), 2205: (6, 13),
-               2244: (6, 13), 2245: (6, 20)}
-    for s, w in windows.items(): assert tg.window_blocks(s, h) == w, s
     h.warmup_steps = 10
     assert tg.lr_schedule(0, h) == pytest.approx(0.1) and tg.lr_schedule(9, h) == 1.0
+    assert tg.lr_schedule(9, h, stage_lr=1.52) == 1.52
 
 def test_yarn_update():
     r = tg.Rotary(128, 256, torch.float32)
@@ -282,16 +273,17 @@ def loader_reference(shards, steps, slot_len, max_seq, partial=False):
 def test_loader_bos_aligned_no_token_lost_or_repeated(tmp_path):
     shards = [np.concatenate(learnable_docs(90, s, 10, 300)) for s in (1, 2)]
     for i, s in enumerate(shards): write_shard(tmp_path / f"t_{i + 1:06d}.bin", s)
-    h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), train_batch_size=1024, train_max_seq_len=100)
+    h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), bigram_vocab_size=0)
     ref, used = loader_reference(shards, 7, 128, 100)
     assert used[0] == 0 and used[-1] == 1  # the steps cross from shard 1 into shard 2
     for world in (1, 2):
         loaders = [tg.TrainLoader(h, r, world, torch.device("cpu")) for r in range(world)]
         for step in range(7):  # 7 steps cross from shard 1 into shard 2
             for r, L in enumerate(loaders):
-                batches, lengths = L.next_step()
+                batches, lengths = L.next_step(1024, 100)
                 assert len(batches) == 8 // world
-                for a, (inp, tgt) in enumerate(batches):
+                for a, (inp, tgt, bigram) in enumerate(batches):
+                    assert bigram is None  # --bigram_vocab_size=0
                     expect = ref[step][r + a * world]
                     assert inp[0] == 50256 and inp.dtype == torch.int32 and tgt.dtype == torch.int64
                     assert np.array_equal(inp.numpy(), expect[:-1]) and np.array_equal(tgt.numpy(), expect[1:])
@@ -299,16 +291,16 @@ def test_loader_bos_aligned_no_token_lost_or_repeated(tmp_path):
 
 def test_loader_stops_or_repeats_when_the_files_run_out(tmp_path):
     write_shard(tmp_path / "t_000001.bin", np.concatenate(learnable_docs(40, 5, 10, 300)))
-    h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), train_batch_size=1024, train_max_seq_len=100)
+    h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), bigram_vocab_size=0)
     n_steps = len(loader_reference([np.fromfile(tmp_path / "t_000001.bin", dtype="<u2", offset=1024)], 99, 128, 100,
                                    partial=True)[0])
     L = tg.TrainLoader(h, 0, 1, torch.device("cpu"))
-    for _ in range(n_steps): L.next_step()
-    with pytest.raises(tg.UserError, match="--repeat_data"): L.next_step()
+    for _ in range(n_steps): L.next_step(1024, 100)
+    with pytest.raises(tg.UserError, match="--repeat_data"): L.next_step(1024, 100)
     h.repeat_data = True
     L, first = tg.TrainLoader(h, 0, 1, torch.device("cpu")), None
     for i in range(n_steps + 1):
-        batches = L.next_step()[0]
+        batches = L.next_step(1024, 100)[0]
         first = first if i else batches
     assert L.epoch == 1 and all(torch.equal(a[0], b[0]) for a, b in zip(batches, first))  # the second pass starts over
 
@@ -326,7 +318,9 @@ def run_cli(args, cwd, timeout=600, **kw):
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           **kw)
 
-TINY = ["--num_layers=4", "--model_dim=64", "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128",
+# no prefix loss: tiktoken's GPT-2 vocabulary cannot be downloaded here (tests/test_stages.py brings its own)
+TINY = ["--prefix_weight=0", "--bigram_vocab_size=1024", "--num_layers=4", "--model_dim=64", "--num_heads=2",
+        "--train_batch_size=1024", "--train_max_seq_len=128",
         "--val_tokens=3000", "--val_seq_len=1024", "--compile=0", "--kernel_warmup_steps=0"]
 
 @pytest.mark.parametrize("case", ["missing", "magic", "truncated", "vocab", "few_val", "world", "flag", "value"])
@@ -404,7 +398,7 @@ def test_loader_that_can_make_no_progress_says_so(tmp_path, gpt_files):
     line = one_line_error(run_cli(args, tmp_path, timeout=120))  # it used to spin forever
     assert "nobos_*.bin: no shard holds one step of BOS-aligned data" in line
     loader = tg.TrainLoader(tg.parse_args(args), 0, 1, torch.device("cpu"))  # the loader itself, past the early check
-    with pytest.raises(tg.UserError, match="no shard holds one step"): loader.next_step()
+    with pytest.raises(tg.UserError, match="no shard holds one step"): loader.next_step(1024, 128)
 
 def test_non_finite_loss_stops_at_the_first_validation_after_it(tmp_path, gpt_files):
     args = ["--num_iterations=12", "--num_extension_iterations=1", "--val_loss_every=1", "--lr=1e9", "--run_id=nan"]
@@ -418,8 +412,8 @@ def test_non_finite_loss_stops_at_the_first_validation_after_it(tmp_path, gpt_fi
     vals = {int(m[1]): (float(m[2]), float(m[3] or 0)) for m in
             re.finditer(r"^step:(\d+)/12 val_loss:(\S+) .*?(?: train_loss:(\S+))? wnorm", body, re.M)}
     assert all(math.isfinite(v) for step in range(s) for v in vals[step])  # finite up to the step before the stop
-    # the head starts at zero and Adam first moves it after step 2: the first two steps predict uniformly
-    assert vals[1][1] == vals[2][1] == round(math.log(50304), 4)
+    # the head starts at N(0, 0.005) and Adam first moves it after step 2: the first two steps predict near uniformly
+    assert abs(vals[1][1] - math.log(50304)) < 0.01 and abs(vals[2][1] - math.log(50304)) < 0.01
     if stop[2] == f"the val loss is non-finite at step {s}: it diverged": assert math.isnan(vals[s][0])
     else: assert stop[2] == f"the training loss became non-finite between steps {s} and {s}" and s not in vals
 
@@ -488,8 +482,8 @@ def test_train_data_is_checked_before_the_first_step(tmp_path, gpt_files, monkey
     assert f"hold {sum(per_shard)} steps of BOS-aligned data" in msg and f"it needs {need}" in msg
     assert not os.path.exists(tmp_path / "logs")
     monkeypatch.chdir(tmp_path)  # exactly enough passes the check, and so does any number with --repeat_data
-    tg.check_train_data(tg.parse_args(args + [f"--num_iterations={need - 1}"]), need - 1)
-    tg.check_train_data(tg.parse_args(args + ["--num_iterations=999", "--repeat_data=1"]), 999)
+    tg.check_train_data(tg.parse_args(args + [f"--num_iterations={need - 1}"]), [(128, 100)] * (need - 1))
+    tg.check_train_data(tg.parse_args(args + ["--num_iterations=999", "--repeat_data=1"]), [(128, 100)] * 999)
     write_shard(tmp_path / "t_000002.bin", np.concatenate([shards[1], [50304]]))  # a bad id at the end of shard 2
     msg = main_error(args + [f"--num_iterations={per_shard[0] + 1}"], tmp_path, monkeypatch)
     assert "t_000002.bin: token id 50304 >= vocab size" in msg and not os.path.exists(tmp_path / "logs")
@@ -523,9 +517,12 @@ def test_kernel_warmup_restores_every_state_and_is_skipped_without_compile(tmp_p
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert [l.split(":")[0] for l in lines] == ["kernel warmup 1/4", "kernel warmup 2/4", "kernel warmup 3/4",
                                                "kernel warmup 4/4"]
-    # one phase per window pair of the schedule: thirds of the 5 scheduled steps, then the extension
-    assert [re.search(r"windows (\(\d+, \d+\)), (\d) steps", l).groups() for l in lines] == [
-        ("(1, 3)", "2"), ("(3, 7)", "1"), ("(5, 11)", "1"), ("(6, 13)", "1")]
+    # one phase per shape of the schedule: the stages (steps 0-1, 2, 3-4 of 5: round(k * 5 / 3)), then the extension;
+    # the stage of step 3 unties the embedding, and the warmup restores the tie
+    assert trainer.tied
+    assert [re.search(r"windows (\(\d+, \d+\)), 1024 tokens, (\d) predictions, (\d) steps", l).groups()
+            for l in lines] == [("(1, 3)", "3", "2"), ("(3, 7)", "2", "1"), ("(5, 11)", "1", "1"),
+                                ("(6, 13)", "1", "1")]
     # the CLI side: in test_a_rerun_never_touches_an_existing_log_and_failed_starts_leave_none
 
 def test_resume_refuses_what_does_not_match(full_run, monkeypatch):
@@ -539,7 +536,7 @@ def test_resume_refuses_what_does_not_match(full_run, monkeypatch):
              (["--resume=other.pt"], "--resume=other.pt: not a checkpoint of train_gpt.py"),
              ([f"--resume={ckpt}", "--model_dim=128", "--num_heads=4"],
               "--model_dim=64 (now 128), --num_heads=2 (now 4)"),
-             ([f"--resume={ckpt}", "--lr=0.05"], "--lr=0.03 (now 0.05)"),
+             ([f"--resume={ckpt}", "--lr=0.05"], "--lr=0.023 (now 0.05)"),
              (["--resume=logs/full/state_step000007.pt"], "at step 7, --num_iterations=7: nothing left to train")]
     for args, words in cases: assert words in main_error(common + args + ["--run_id=refused"], d, monkeypatch), args
     assert not os.path.exists(d / "logs/refused.txt")
@@ -654,7 +651,7 @@ def test_world_size_2_matches_world_size_1(tmp_path, gpt_files):
 
 def test_evaluation_covers_exactly_val_tokens(gpt_files):
     files = gpt_files
-    h = tg.parse_args(files + TINY[:-2] + ["--compile=0", "--val_tokens=1000", "--val_seq_len=4096",
+    h = tg.parse_args(files + TINY + ["--compile=0", "--val_tokens=1000", "--val_seq_len=4096",
                                            "--val_head_chunk=100"])
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
     val = tg.load_val(h)
@@ -664,8 +661,9 @@ def test_evaluation_covers_exactly_val_tokens(gpt_files):
         # reference: the unpadded 1000-token stream in one piece, fp32 per-token cross-entropy averaged here
         inputs, targets = torch.from_numpy(val[:1000].astype(np.int32)), torch.from_numpy(val[1:1001].astype(np.int64))
         trainer.model.eval()
-        masks = trainer.model.layer_masks(tg.make_masks(inputs, tg.window_blocks(0, h), flex=False))
-        ref = trainer.model(inputs, targets, masks, head_chunk=10 ** 9) / 1000
+        masks = trainer.model.layer_masks(tg.make_masks(inputs, trainer.schedule.at(0).windows, flex=False))
+        bigram = torch.from_numpy(tg.bigram_index(val[:1000], h.bigram_vocab_size))
+        ref = trainer.model(inputs, targets, bigram, masks, head_chunk=10 ** 9) / 1000
     assert loss == pytest.approx(float(ref), rel=1e-5)
 
 def test_record_model_size_matches_the_reference():
@@ -675,6 +673,8 @@ def test_record_model_size_matches_the_reference():
     assert tg.matmul_params_per_token(h) == 10 * 4 * 768 ** 2 + 11 * 2 * 768 * 3072 + 768 * 50304
     with torch.device("meta"):
         model = tg.GPT(h, 128, torch.bfloat16)
-    total = sum(p.numel() for p in model.parameters())
-    embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
-    assert round(total / 1e6, 1) == 268.7 and round(embed / 1e6, 1) == 154.5
+    # record #89's bigram hash table (§2.1: 377,280 x 768) comes on top, and 12 bigram lambdas among the scalars
+    bigram = model.bigram_embed.weight.numel()
+    total = sum(p.numel() for p in model.parameters()) - bigram
+    embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n) - bigram
+    assert bigram == 377280 * 768 and round(total / 1e6, 1) == 268.7 and round(embed / 1e6, 1) == 154.5

@@ -18,7 +18,8 @@ import gptdata  # noqa: E402
 import verify  # noqa: E402
 
 STEPS = 4  # validation at steps 0, 2 and 4
-GPT_TINY = ["--train_files=fineweb_train_*.bin", "--val_files=fineweb_val_000000.bin", "--num_layers=2",
+GPT_TINY = ["--train_files=fineweb_train_*.bin", "--val_files=fineweb_val_000000.bin", "--prefix_weight=0",
+            "--bigram_vocab_size=1024", "--num_layers=2",
             "--model_dim=64", "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128",
             "--val_tokens=2048", f"--num_iterations={STEPS}", "--num_extension_iterations=1", "--compile=0",
             "--kernel_warmup_steps=0", "--val_loss_every=2"]
