@@ -1033,8 +1033,9 @@ def prefix_table(vocab, vocab_size):
     order every prefix comes before its extensions, so one pass with a stack of the current prefixes finds it."""
     table, stack = np.full(vocab_size, -1, dtype=np.int64), []
     for token, tid in sorted(vocab.items()):
+        if tid >= vocab_size: continue  # no entry, and the prefix of none: the head cannot predict it
         while stack and not token.startswith(stack[-1][0]): stack.pop()
-        if stack and tid < vocab_size: table[tid] = stack[-1][1]
+        if stack: table[tid] = stack[-1][1]
         stack.append((token, tid))
     return table
 
