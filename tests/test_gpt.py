@@ -549,7 +549,7 @@ def test_validation_memory_is_linear_in_the_slab(tmp_path):
     write_shard(tmp_path / "val.bin", np.concatenate(learnable_docs(120, 9))[:16385])
     code = (f"import resource, sys, torch; sys.path.insert(0, {ROOT!r}); import train_gpt as tg\n"
             f"h = tg.parse_args(['--val_files={tmp_path}/val.bin', '--val_tokens=16384', '--val_head_chunk=1024', "
-            "'--num_layers=4', '--model_dim=64', '--num_heads=2', '--compile=0'])\n"
+            "'--num_layers=4', '--model_dim=64', '--num_heads=2', '--compile=0', '--bigram_vocab_size=1024'])\n"
             "loss = tg.Trainer(h, 0, 1, torch.device('cpu')).evaluate(h.num_iterations, tg.load_val(h))\n"
             "print(loss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc as a user runs it (conftest)
@@ -571,15 +571,15 @@ def parse_log(path):
 
 def test_tiny_run_learns_and_logs(tmp_path, gpt_files):
     files = gpt_files
-    r = run_cli(files + TINY + ["--num_iterations=40", "--num_extension_iterations=4", "--val_loss_every=20",
+    r = run_cli(files + TINY + ["--num_iterations=20", "--num_extension_iterations=2", "--val_loss_every=10",
                                 "--run_id=tiny"], tmp_path)
     assert r.returncode == 0, r.stderr
     code, env, vals, steps, summary = parse_log(tmp_path / "logs/tiny.txt")
     assert code == open(SCRIPT).read() + "\n"
-    assert "Running PyTorch" in env and "  num_iterations=40" in env and "world_size=1" in env
-    assert [s for s, _ in vals] == [0, 20, 40] and [int(s) for s, _ in steps] == list(range(1, 41))
-    assert vals[0][1] == pytest.approx(math.log(50304), abs=1e-3)  # zero-initialized head: uniform prediction
-    assert vals[-1][1] < 0.6 * vals[0][1], vals
+    assert "Running PyTorch" in env and "  num_iterations=20" in env and "world_size=1" in env
+    assert [s for s, _ in vals] == [0, 10, 20] and [int(s) for s, _ in steps] == list(range(1, 21))
+    assert vals[0][1] == pytest.approx(math.log(50304), abs=1e-3)  # head N(0, 0.005): near uniform prediction
+    assert vals[-1][1] < 0.65 * vals[0][1], vals  # 6.70 of 10.83 when written (the full recipe: tests/test_stages.py)
     assert summary and float(summary[1]) == vals[-1][1]
 
 def load_ckpt(path):
