@@ -832,6 +832,9 @@ class Trainer:
         self.muon = NorMuon(muon, self.comm, h.lr, h.beta2, h.weight_decay, ortho, h.wd_mode)
         self.adam = DistAdam(adam, self.comm, h.adam_lr, h.adam_eps, h.adam_weight_decay, h.wd_mode)
         self.tied = True  # the embedding is the head's weight until the schedule's untie step
+        # each step's MTP and prefix loss weights, on the device once: tensors, so a new value does not recompile
+        self.loss_weights = [(torch.tensor(p.mtp, device=device), torch.tensor(p.prefix, device=device))
+                             for p in self.schedule.plans]
         self.ema = [p.detach().float().clone() for p in m.parameters()] if h.ema_decay > 0 else None  # fp32, on device
         self.snapshots = []  # --average_last: (step, weights in host memory)
         self.loss_sum = torch.zeros((), device=device)  # training loss summed on the device: no host sync in the step
@@ -847,8 +850,7 @@ class Trainer:
         self.model.train()
         plan, windows = self.schedule.at(step), self.set_windows(step)
         batches, lengths = loader.next_step(plan.batch_size, plan.max_seq_len)
-        mtp = torch.tensor(plan.mtp, device=self.device)  # tensors: a new value does not recompile
-        prefix = torch.tensor(plan.prefix, device=self.device)
+        mtp, prefix = self.loss_weights[step]
         for inputs, targets, bigram in batches:
             masks = self.model.layer_masks(make_masks(inputs, windows, self.flex))
             loss, next_token_loss = self.fwd(inputs, targets, bigram, masks, mtp, prefix)

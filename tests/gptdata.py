@@ -16,6 +16,12 @@ def learnable_docs(n_docs, seed, min_len=20, max_len=400):
         docs.append(np.concatenate([[50256], (a + k * np.arange(n)) % 512]))
     return docs
 
+def write_tiktoken_plugin(folder, module, source):
+    """folder/tiktoken_ext/<module>.py holding source: with folder on PYTHONPATH tiktoken finds its encodings."""
+    (folder / "tiktoken_ext").mkdir()
+    (folder / "tiktoken_ext" / f"{module}.py").write_text(source)
+    return folder
+
 def write_corpus(folder, train_tokens=400_000, val_tokens=40_000, n_train_shards=2, seed=0):
     """Train shards fineweb_train_000001.. and fineweb_val_000000.bin in folder; returns their paths."""
     paths = []

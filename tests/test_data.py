@@ -6,6 +6,7 @@ import pytest
 import tiktoken
 
 from data import tokenize_text
+from tests.gptdata import write_tiktoken_plugin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOWNLOADER = os.path.join(ROOT, "data", "cached_fineweb10B.py")
@@ -200,10 +201,7 @@ ENCODING_CONSTRUCTORS = {"tiny_test": tiny}
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("plugin")
-    (d / "tiktoken_ext").mkdir()
-    (d / "tiktoken_ext" / "speedrun_tiny_test.py").write_text(PLUGIN)
-    return d
+    return write_tiktoken_plugin(tmp_path_factory.mktemp("plugin"), "speedrun_tiny_test", PLUGIN)
 
 @pytest.fixture(scope="module")
 def enc(plugin_dir):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from tests.gptdata import write_tiktoken_plugin
 from tests.test_gpt import SCRIPT, parse_log, rel, run_cli
 
 BOS_ID = 50256  # GPT-2's <|endoftext|>, the document start in the shards
@@ -461,10 +462,7 @@ ENCODING_CONSTRUCTORS = {"stages_tiny": stages_tiny}
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("plugin")
-    (d / "tiktoken_ext").mkdir()
-    (d / "tiktoken_ext" / "speedrun_stages_test.py").write_text(PLUGIN)
-    return d
+    return write_tiktoken_plugin(tmp_path_factory.mktemp("plugin"), "speedrun_stages_test", PLUGIN)
 
 def plugin_vocab():
     namespace = {}
