@@ -1,6 +1,7 @@
 # GPT-2-small-class speedrun trainer: FineWeb val loss <= 3.28 on 8xH100.
-# Recipe: modded-nanogpt record #89's training (1285 steps in three stages of 131k/262k/393k tokens, multi-token and
-# prefix-token losses, bigram hash embedding, tied-then-untied head) on record #43's model (see README).
+# Recipe: modded-nanogpt record #89's algorithm: its 11-layer model (paired heads, key offset, XSA, MUDD gates, DC
+# attention, 5 value embeddings, bigram hash embedding) and its training (1285 steps in three stages of 131k/262k/393k
+# tokens, multi-token and prefix-token losses, tied-then-untied head); see README.
 # Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py [--name=value ...]   (1, 2, 4 or 8 GPUs: same math)
 import contextlib, copy, dataclasses, glob, inspect, math, os, re, subprocess, sys, threading, time, uuid
 import warnings
@@ -47,8 +48,9 @@ class Hyperparameters:
     val_loss_every: int = 250           # steps between validations; 0 = only at the end
     vocab_size: int = 50304             # embedding and head rows (GPT-2's 50257 padded to a multiple of 128)
     model_dim: int = 768                # residual stream width
-    num_layers: int = 12                # blocks (layout() scales the record's 12-block structure)
-    num_heads: int = 6                  # attention heads of model_dim / num_heads dimensions
+    num_layers: int = 11                # layers: the record's 11, or 2 to 10 of them spread evenly (see GPT)
+    num_heads: int = 6                  # attention heads of model_dim / num_heads dimensions (an even number)
+    dc_window: int = 112                # tokens the last layer's dynamically composable attention looks back over
     bigram_vocab_size: int = 377280     # bigram hash embedding rows (50304 * 15 // 2); 0 = none
     bigram_sign_rows: int = 8192        # rows of the fixed +-1 sign table of the bigram embedding
     ws_extension: int = 13              # long window in the extension steps
@@ -274,25 +276,27 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.type_as(x))
 
 class Rotary(nn.Module):
-    """Half-truncated RoPE; YaRN rescales the frequencies and the attention scale when the window grows."""
+    """Half-truncated RoPE on adjacent pairs (2i, 2i+1) of the first half of the head dims (the second half stays put),
+    as the record; YaRN rescales the frequencies and the attention scale when the window grows. Tables cover 2 *
+    max_len positions: paired heads put head h of token t at position 2t + h % 2."""
     def __init__(self, head_dim, max_len, dtype):
         super().__init__()
         self.head_dim, self.max_len = head_dim, max_len
-        self.register_buffer("cos", torch.empty(max_len, head_dim // 2, dtype=dtype), persistent=False)
-        self.register_buffer("sin", torch.empty(max_len, head_dim // 2, dtype=dtype), persistent=False)
+        self.register_buffer("cos", torch.empty(2 * max_len, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("sin", torch.empty(2 * max_len, head_dim, dtype=dtype), persistent=False)
         self.reset()
 
     def reset(self):
         q = self.head_dim // 4
-        self.freq = torch.cat([(1 / 1024) ** torch.linspace(0, 1, q, dtype=torch.float64),
-                               torch.zeros(q, dtype=torch.float64)])
+        self.freq = torch.cat([((1 / 1024) ** torch.linspace(0, 1, q, dtype=torch.float64)).repeat_interleave(2),
+                               torch.zeros(2 * q, dtype=torch.float64)])
         self.attn_scale, self.ws = 0.1, None
         self._tables()
 
     def _tables(self):
-        theta = torch.outer(torch.arange(self.max_len, dtype=torch.float64), self.freq)
+        theta = torch.outer(torch.arange(2 * self.max_len, dtype=torch.float64), self.freq)
         self.cos.copy_(theta.cos())
-        self.sin.copy_(theta.sin())
+        self.sin.copy_(theta.sin() * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(self.head_dim // 2))
 
     def set_window(self, ws, alpha=1, beta=32):
         if self.ws is not None and ws != self.ws:
@@ -303,10 +307,15 @@ class Rotary(nn.Module):
             self._tables()
         self.ws = ws
 
-    def forward(self, x):  # x: [B, T, H, head_dim]
-        cos, sin = self.cos[None, :x.size(1), None, :], self.sin[None, :x.size(1), None, :]
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    def forward(self, x, paired=False):  # x: [B, T, H, head_dim]
+        B, T, H, D = x.shape
+        if paired:  # head h of token t at position 2t + h % 2
+            cos, sin = self.cos[:2 * T].view(1, T, 1, 2, D), self.sin[:2 * T].view(1, T, 1, 2, D)
+            x = x.reshape(B, T, H // 2, 2, D)
+        else:
+            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]
+        flipped = x.unflatten(-1, (D // 2, 2)).flip(-1).flatten(-2)  # (x1, x0) of each pair
+        return (x * cos + flipped * sin).view(B, T, H, D)
 
 def doc_causal_window(docs: Tensor, window: int):
     """mask_mod: key kv is visible from query q when causal, same document, and q - kv <= window tokens."""
@@ -319,10 +328,12 @@ class BlockwiseMask(NamedTuple):
     docs: Tensor  # document index of each position
     window: int   # in 128-token blocks
 
-def make_masks(inputs: Tensor, windows, flex: bool):
-    """One attention mask per window (in 128-token blocks): a FlexAttention BlockMask, or its portable twin."""
-    T = inputs.numel()
+def make_masks(inputs: Tensor, windows, flex: bool, paired=False):
+    """One attention mask per window (in 128-token blocks): a FlexAttention BlockMask, or its portable twin. paired:
+    for the interleaved stream of paired heads (two positions a token, the window counted in positions)."""
     docs = (inputs == BOS).cumsum(0)
+    if paired: docs = docs.repeat_interleave(2)
+    T = docs.numel()
     if not flex: return [BlockwiseMask(docs, ws) for ws in windows]
     blk = torch.arange(T // BLOCK, device=inputs.device)
     lo, hi = docs[0::BLOCK], docs[BLOCK - 1::BLOCK]
@@ -353,59 +364,39 @@ def attend(q, k, v, mask, scale):  # [B, T, H, D] in and out
                                                   scale=scale))
     return torch.cat(out, dim=2).transpose(1, 2)
 
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.dim, self.num_heads = dim, num_heads
-        self.qkvo_w = nn.Parameter(torch.empty(dim, 4 * dim))  # viewed as [4, dim, dim]: Q, K, V, O (out x in)
-        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
-        with torch.no_grad():
-            self.qkvo_w.view(4, dim, dim)[:3].uniform_(-bound, bound)
-            self.qkvo_w.view(4, dim, dim)[3].zero_()
-        self.gate = CastedLinear(12, num_heads)  # sparse attention gate on the first 12 dims of the input
+def key_offset(k):  # [B, T, H, D]: the stationary half of the dims takes the previous position's (a 1-layer induction)
+    half = k.size(-1) // 2
+    return torch.cat([k[..., :half], torch.cat([k[:, :1, :, half:], k[:, :-1, :, half:]], dim=1)], dim=-1)
 
-    def forward(self, x, ve, sa, mask, rotary):
-        B, T, D, H = *x.shape[:2], self.dim, self.num_heads
-        w = self.qkvo_w.view(4, D, D).type_as(x)
-        q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(B, T, 3 * H, D // H).chunk(3, dim=-2)
-        q, k = rotary(norm(q)), rotary(norm(k))
-        v = sa[0] * v + sa[1] * ve.view_as(v) if ve is not None else sa[0] * v
-        y = attend(q, k, v, mask, rotary.attn_scale)
-        y = y * torch.sigmoid(self.gate(x[..., :12])).unsqueeze(-1)
-        return F.linear(y.reshape(B, T, D), w[3])
+def xsa(y, v, alpha):  # [B, T, H, D], alpha [B, T, H]: y minus tanh(alpha) times its projection on v
+    along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
+    return y - torch.tanh(alpha).type_as(y).unsqueeze(-1) * along * v
 
-class MLP(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.c_fc = nn.Parameter(torch.empty(dim, 4 * dim).uniform_(-1, 1) * (3 ** 0.5 * 0.5 * dim ** -0.5))
-        self.c_proj = nn.Parameter(torch.zeros(dim, 4 * dim))
-        self.c_fc.lr_mul = 2.0
-
-    def forward(self, x):
-        return F.linear(F.relu(x @ self.c_fc.type_as(x)).square(), self.c_proj.type_as(x))
-
-class Block(nn.Module):
-    def __init__(self, dim, num_heads, attn, mlp):
-        super().__init__()
-        self.attn = Attention(dim, num_heads) if attn else None
-        self.mlp = MLP(dim) if mlp else None
-
-    def forward(self, x, sa, ve, mask, rotary):
-        if self.attn is not None: x = x + self.attn(norm(x), ve, sa, mask, rotary)
-        if self.mlp is not None: x = x + self.mlp(norm(x))
-        return x
-
-def layout(L):
-    """The record's 12-layer structure, scaled to L layers (block 0 is empty in all)."""
-    no_attn = {0, 7 * L // 12} if L >= 4 else {0}
-    n_skip = (L - 2) // 2  # U-net: outputs of layers 1..n_skip feed layers n_skip+1..2*n_skip (last in, first out)
-    ve = [None] * L  # value-embedding table per layer: ve1, ve2 on layers 1, 2; ve0, ve1, ve2 on the last three
-    for layer, table in [(1, 1), (2, 2)] + [(L - 3 + j, j) for j in range(3)]:
-        if 1 <= layer < L and layer not in no_attn: ve[layer] = table
-    used = sorted({t for t in ve if t is not None})  # small models: number the tables that are used 0, 1, ...
-    ve = [None if t is None else used.index(t) for t in ve]
-    return dict(no_attn=no_attn, push=range(1, n_skip + 1), pop=range(n_skip + 1, 2 * n_skip + 1),
-                backout=2 * L // 3, long={L // 3, L - 1}, ve=ve, n_ve=len(used))
+def dc_attention(q, k, v, w1, w2, docs, scale, window):
+    """Post-only dynamically composable attention (the record's layer-10 correction), added to the attention output:
+    out_h[t] = w2[t, h] * sum_s a[t, s] v_h[s], a[t, s] = sum_g rmsnorm(w1[t])_g softmax_g(scale q_g[t].k_g[s]) over
+    the keys s with 0 <= t - s < window in t's document. q, k, v [1, T, H, D], w1 and w2 [1, T, H], docs [T]. Banded:
+    each 128-query block scores its own and the previous ceil((window - 1) / 128) key blocks densely."""
+    _, T, H, D = q.shape
+    n_back = -(-(window - 1) // BLOCK)
+    pad = n_back * BLOCK
+    nb = -(-T // BLOCK)
+    tail = nb * BLOCK - T
+    def bands(t, fill):  # [T, ...] -> [nb, (n_back + 1) * BLOCK, ...]: each block's keys, from pad positions earlier
+        t = F.pad(t, [0, 0] * (t.dim() - 1) + [pad, tail], value=fill)
+        return torch.cat([t[j * BLOCK:j * BLOCK + nb * BLOCK].unflatten(0, (nb, BLOCK)) for j in range(n_back + 1)], 1)
+    kb, vb, db = bands(k[0], 0.0), bands(v[0], 0.0), bands(docs, -1)
+    qb = F.pad(q[0], (0, 0, 0, 0, 0, tail)).unflatten(0, (nb, BLOCK))
+    rel = torch.arange(BLOCK, device=q.device)[:, None] + pad - torch.arange(kb.size(1), device=q.device)[None, :]
+    qdocs = F.pad(docs, (0, tail), value=-1).unflatten(0, (nb, BLOCK))
+    visible = (rel >= 0) & (rel < window) & (qdocs[:, :, None] == db[:, None, :])  # [nb, BLOCK, keys]
+    scores = torch.einsum("bqhd,bkhd->bhqk", qb.float(), kb.float()) * scale
+    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    w1n = F.rms_norm(w1.float(), (H,), eps=1e-6)
+    w1b = F.pad(w1n[0], (0, 0, 0, tail)).unflatten(0, (nb, BLOCK))  # [nb, BLOCK, H]
+    a = torch.einsum("bqh,bhqk->bqk", w1b, probs).type_as(v)
+    out = torch.einsum("bqk,bkhd->bqhd", a, vb).flatten(0, 1)[:T]
+    return (w2[0].type_as(out).unsqueeze(-1) * out)[None]
 
 def softcap(logits):  # the record's asymmetric logit cap
     return 23 * torch.sigmoid((logits + 5) / 7.5)
@@ -438,58 +429,174 @@ def bigram_index(tokens, rows):
         out[1:] = np.bitwise_xor(np.int32(36313) * t[1:], np.int32(27191) * t[:-1]) % np.int32(rows - 1)
     return out
 
+# Record #89's 11 layers by index r: what each has. A model of L layers (2 to 11) keeps layers r = i * 10 // (L - 1)
+# (the first and the last always); an input of a layer it does not keep (a cached state, a gate) drops out.
+NO_ATTN, LONG, PAIRED, XSA, ATTN_GATE, VE = {6}, {3, 10}, {0, 2, 5, 9}, {1, 3, 4, 7}, {3, 10}, (1, 2, 8, 9, 10)
+SKIP_FROM, SKIP_TO, SHARED_IN, POST_GATE_AT = 3, 6, 7, 4  # layer 3's output joins at 6; layers after 7 read 7's output
+# The MUDD-gate MLPs' outputs: (XSA strengths, attention gates, x0 and bigram injections) per layer; the pre gate
+# reads x0, the post gate layer 4's input and adds the skip gate and layer 10's DC weights (26 and 41 wide at 6 heads)
+GATE_LAYOUT = (((1, 3), (3,), (0, 1, 2, 3)), ((4, 7), (10,), (4, 5, 7, 8, 9)))
+
+def record_layers(L):
+    return [i * 10 // (L - 1) for i in range(L)]
+
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, max_len: int, dtype=torch.bfloat16):
         super().__init__()
-        L, D, V = h.num_layers, h.model_dim, h.vocab_size
-        self.lay, self.mtp_across_docs = layout(L), h.mtp_across_docs
+        L, D, V, H = h.num_layers, h.model_dim, h.vocab_size, h.num_heads
+        self.rec, self.num_heads, self.mtp_across_docs = record_layers(L), H, h.mtp_across_docs
+        self.dc_window = h.dc_window
+        self.attn_layers = [r for r in self.rec if r not in NO_ATTN]  # the record layers with attention, in order
+        self.ve_layers = [r for r in VE if r in self.rec]
+        n_attn, n_ve, hd = len(self.attn_layers), len(self.ve_layers), D // H
+        self.rotary = Rotary(hd, max_len, dtype)
         self.embed = nn.Embedding(V, D)
-        self.value_embeds = nn.ModuleList(nn.Embedding(V, D) for _ in range(self.lay["n_ve"]))
         self.smear_gate = CastedLinear(12, 1)
-        self.blocks = nn.ModuleList(Block(D, h.num_heads, i not in self.lay["no_attn"], i > 0) for i in range(L))
-        self.rotary = Rotary(D // h.num_heads, max_len, dtype)
         fp8 = dtype == torch.bfloat16 and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
         self.lm_head = CastedLinear(D, V, fp8=fp8)
         with torch.no_grad():  # the record: head N(0, 0.005), the embedding tied to it (the optimizer keeps them equal)
             self.lm_head.weight.normal_(0, 0.005)
             self.embed.weight.copy_(self.lm_head.weight)
+        self.value_embeds = nn.Parameter(0.01 * torch.randn(n_ve * V, D))  # one table per VE layer
+        self.ve_gate_bank = nn.Parameter(torch.zeros(n_ve, H, 12))  # 2 sigmoid(W [x[:6]; ve[:6]]) per head
+        bound = 3 ** 0.5 * 0.5 * D ** -0.5
+        # NorMuon banks: Q and K per pair of heads ([Q pairs; K pairs] a layer), V and O a layer, the MLPs (up, down)
+        self.qk_bank = nn.Parameter(torch.empty(n_attn * H, 2 * hd, D).uniform_(-bound, bound))
+        self.vo_bank = nn.Parameter(torch.empty(2 * n_attn, D, D).uniform_(-bound, bound))
+        self.mlp_bank = nn.Parameter(torch.stack([torch.empty(L, 4 * D, D).uniform_(-bound, bound),
+                                                  torch.zeros(L, 4 * D, D)], 1))
         self.bigram_embed = nn.Embedding(h.bigram_vocab_size, D) if h.bigram_vocab_size else None
         if self.bigram_embed is not None:
             nn.init.zeros_(self.bigram_embed.weight)
             self.register_buffer("bigram_signs", torch.randn(h.bigram_sign_rows, D).sign().to(dtype))
         # target -> its longest proper byte-prefix token (-1: none); filled by the trainer when the clock starts
         self.register_buffer("prefix_table", torch.full((V,), -1, dtype=torch.int64), persistent=False)
-        # skip weights, block lambdas (2 a layer), value-embedding lambdas (2 a layer), smear, backout, bigram lambdas
-        n = 6 * L + 2
-        self.scalars = nn.Parameter(torch.cat([torch.full((L,), -1.5), torch.tensor([1.0, 0.0]).repeat(L),
-                                               torch.tensor([0.5, 0.5]).repeat(L), torch.tensor([0.0, 0.5]),
-                                               torch.full((L,), 0.05), torch.zeros(-n % 8)]))
-        for m in self.modules():  # embeddings and linear layers store the compute dtype; big matrices and scalars fp32
-            if isinstance(m, (nn.Embedding, nn.Linear)): m.to(dtype)
+        # per layer [0.5, 1] (Q/K/V and O weight multipliers), smear, skip
+        self.scalars = nn.Parameter(torch.cat([torch.tensor([0.5, 1.0]).repeat(L), torch.tensor([0.0, -1.5])]))
+        self.resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1 ** 0.5))  # [attention, MLP]: x's weight
+        self.post_lambdas = nn.Parameter(torch.ones(L, 2))  # the sub-layer output's weight
+        # MUDD: 14 coefficients at the last layer's input (V sources, residual sources, VE gates, its 6 lambdas), 5
+        # after the loop; biases stored divided by the scale 0.1. The MUDD gates (pre and post) likewise, scale learned.
+        self.mudd_w1 = nn.Parameter(torch.stack([nn.init.kaiming_uniform_(torch.empty(64, D), a=5 ** 0.5)
+                                                 for _ in range(2)]))
+        self.mudd_w2 = nn.Parameter(torch.zeros(2, 14, 64))
+        self.mudd_b2 = nn.Parameter(torch.zeros(2, 14))
+        with torch.no_grad():
+            self.mudd_b2[0, 6:14] = torch.tensor([2.0, 2.0, 1.1 ** 0.5, 1.0, 0.0, 0.05, 1.1 ** 0.5, 1.0]) / 0.1
+            self.mudd_b2[1, 1] = -0.5 / 0.1  # the backout of layer 7's output
+        n_gate = 5 * H + 11
+        self.mudd_gate_w1 = nn.Parameter(torch.stack([nn.init.kaiming_uniform_(torch.empty(64, D), a=5 ** 0.5)
+                                                      for _ in range(2)]))
+        self.mudd_gate_w2 = nn.Parameter(torch.zeros(2, n_gate, 64))
+        self.mudd_gate_b2 = nn.Parameter(torch.zeros(2, n_gate))
+        self.mudd_gate_scale = nn.Parameter(torch.tensor(0.1))
+        with torch.no_grad():
+            for j, (_, _, inject) in enumerate(GATE_LAYOUT):  # attention gates 0.25, bigram 0.05 (x0 0)
+                self.mudd_gate_b2[j, 2 * H:3 * H] = 0.25 / 0.1
+                self.mudd_gate_b2[j, 3 * H + 1:3 * H + 2 * len(inject):2] = 0.05 / 0.1
+            self.mudd_gate_b2[1, 3 * H + 10] = 0.5 / 0.1  # skip gate
+            self.mudd_gate_b2[1, 3 * H + 11:4 * H + 11] = 1.0 / 0.1  # DC w1 (w2 starts at 0)
+        small = (self.embed, self.smear_gate, self.lm_head, self.bigram_embed)  # stored in the compute dtype, as the
+        for m in small:  # record; the banks (NorMuon) and the lambdas stay fp32
+            if m is not None: m.to(dtype)
+        for p in (self.value_embeds, self.ve_gate_bank, self.mudd_w1, self.mudd_w2, self.mudd_b2, self.mudd_gate_w1,
+                  self.mudd_gate_w2, self.mudd_gate_b2):
+            p.data = p.data.to(dtype)
+
+    def gates(self, x, j, out):
+        """MUDD-gate MLP j (0: pre, 1: post) at x [1, T, D] into out: per record layer, XSA strengths and attention
+        gates [1, T, H], x0 and bigram injection weights [1, T, 1]; the post gate also the skip gate and the DC
+        weights (w1, w2)."""
+        H, (xsa_at, gate_at, inject_at) = self.num_heads, GATE_LAYOUT[j]
+        n = 3 * H + 2 * len(inject_at) + (1 + 2 * H) * j
+        g = F.linear(F.gelu(F.linear(x, self.mudd_gate_w1[j])), self.mudd_gate_w2[j, :n]) + self.mudd_gate_b2[j, :n]
+        g = g * self.mudd_gate_scale.type_as(g)
+        out["xsa"].update({r: g[..., k * H:(k + 1) * H] for k, r in enumerate(xsa_at)})
+        out["attn"].update({r: g[..., (2 + k) * H:(3 + k) * H] for k, r in enumerate(gate_at)})
+        out["x0"].update({r: g[..., 3 * H + 2 * k:3 * H + 2 * k + 1] for k, r in enumerate(inject_at)})
+        out["bigram"].update({r: g[..., 3 * H + 2 * k + 1:3 * H + 2 * k + 2] for k, r in enumerate(inject_at)})
+        if j: out.update(skip=g[..., 3 * H + 10:3 * H + 11], dc=(g[..., 3 * H + 11:4 * H + 11], g[..., 4 * H + 11:]))
+
+    def mudd(self, x, j, n):  # MUDD MLP j: n per-token coefficients [1, T, 1]
+        z = F.linear(F.gelu(F.linear(x, self.mudd_w1[j])), self.mudd_w2[j, :n]) + self.mudd_b2[j, :n]
+        return (z * 0.1).split(1, dim=-1)
+
+    def attention(self, x, i, r, mask, rotary, aux_v=None, xsa_alpha=None, gate=None, dc=None, docs=None):
+        """Layer i (record layer r) attention on its normed input x [1, T, D]; the variants by r."""
+        B, T, D = x.shape
+        H, a = self.num_heads, self.attn_layers.index(r)
+        sa = self.scalars[2 * i:2 * i + 2]
+        w_qkv = torch.cat([self.qk_bank[a * H:(a + 1) * H].flatten(0, 1), self.vo_bank[2 * a]]).type_as(x)
+        q, k, v = F.linear(x, sa[0] * w_qkv).view(B, T, 3 * H, D // H).chunk(3, dim=-2)
+        q, k, paired = norm(q), norm(k), r in PAIRED
+        q, k = rotary(q, paired), rotary(k, paired)
+        if paired:  # one stream of 2T positions per pair of heads j and j + H/2: token t's heads at 2t and 2t + 1
+            q, k, v = (t.reshape(B, 2 * T, H // 2, D // H) for t in (q, k, v))
+        elif r in LONG: k = key_offset(k)
+        if aux_v is not None: v = v + aux_v.view_as(v)
+        y = attend(q, k, v, mask, rotary.attn_scale)
+        if dc is not None: y = y + dc_attention(q, k, v, *dc, docs, rotary.attn_scale, self.dc_window)
+        y = y.reshape(B, T, H, D // H)
+        if xsa_alpha is not None and not paired: y = xsa(y, v, xsa_alpha)
+        if gate is not None: y = y * gate.unsqueeze(-1)
+        return F.linear(y.reshape(B, T, D), sa[1] * self.vo_bank[2 * a + 1].type_as(y))
+
+    def mlp(self, x, i):
+        up, down = self.mlp_bank[i].type_as(x)
+        return F.relu(F.linear(x, up)).square() @ down
 
     def forward(self, inputs, targets, bigram_idx, masks, mtp=None, prefix=None, head_chunk=8192):
         """Training (mtp and prefix weights given, as tensors): (weighted loss sum, next-token loss sum); evaluation:
         the next-token loss sum. masks: one per layer (None where the layer has no attention)."""
-        L, s = len(self.blocks), self.scalars
-        skip_w, lambdas, sa = s[:L], s[L:3 * L].view(L, 2), s[3 * L:5 * L].view(L, 2)
-        smear, backout, bigram_w = s[5 * L], s[5 * L + 1], s[5 * L + 2:6 * L + 2]
-        ve = [emb(inputs) for emb in self.value_embeds]
+        L, H, hd = len(self.rec), self.num_heads, self.qk_bank.size(1) // 2
+        smear, skip_w = self.scalars[2 * L], self.scalars[2 * L + 1]
         x = self.embed(inputs)
         x = torch.cat([x[:1], x[1:] + smear * torch.sigmoid(self.smear_gate(x[1:, :12])) * x[:-1]])
         x = x0 = norm(x)[None]
+        resid, post = self.resid_lambdas.type_as(x), self.post_lambdas.type_as(x)
         bigram = 0
         if self.bigram_embed is not None:  # times a fixed sign row picked by (prev ^ cur), as the record
             rows = F.pad((inputs[:-1] ^ inputs[1:]) % self.bigram_signs.size(0), (1, 0))
             bigram = (self.bigram_embed(bigram_idx) * self.bigram_signs[rows])[None]
-        skips = []
-        for i in range(1, L):
-            if i in self.lay["pop"]: x = x + torch.sigmoid(skip_w[i - self.lay["pop"][0]]) * skips.pop()
-            v = self.lay["ve"][i]
-            x = lambdas[i, 0] * x + lambdas[i, 1] * x0 + bigram_w[i] * bigram
-            x = self.blocks[i](x, sa[i], ve[v] if v is not None else None, masks[i], self.rotary)
-            if i in self.lay["push"]: skips.append(x)
-            if i == self.lay["backout"]: x_back = x
-        x = norm(x - backout * x_back)[0]
+        ve = dict(zip(self.ve_layers, self.value_embeds.view(len(self.ve_layers), -1, x.size(-1))[:, inputs]))
+        docs = (inputs == BOS).cumsum(0)
+        g = dict(xsa={}, attn={}, x0={}, bigram={})
+        self.gates(x0, 0, g)
+        x = x0 + bigram * g["bigram"][0]
+        cache = {0: x}  # record layer -> its output (0: the input of layer 0)
+        for i, r in enumerate(self.rec):
+            if "skip" not in g and r >= POST_GATE_AT: self.gates(x, 1, g)
+            last = i == L - 1
+            if r in NO_ATTN:
+                if SKIP_FROM in cache: x = x + torch.sigmoid(skip_w) * g["skip"] * cache[SKIP_FROM]
+            else:
+                attn_in = norm(cache.get(SHARED_IN, x))
+                aux_v = None
+                if last:  # MUDD: the value and the residual mix the saved states; VE gates and lambdas per token
+                    cache["last_in"] = x
+                    mu = self.mudd(x, 0, 14)
+                    saved = (cache[0], cache.get(SHARED_IN), x)
+                    aux_v = sum(m * s for m, s in zip(mu[0:3], saved) if s is not None)
+                    x = (1 + mu[5]) * x + sum(m * s for m, s in zip(mu[3:5], saved) if s is not None)
+                    ve_gate = torch.cat([mu[6], mu[7]], -1).repeat_interleave(H // 2, -1).unsqueeze(-1)
+                    aux_v = (ve_gate * ve[r].view(1, -1, H, hd)).flatten(2) + aux_v
+                elif r in ve:
+                    gate_in = torch.cat([attn_in[..., :6], ve[r][None, :, :6]], dim=-1)
+                    ve_gate = 2 * torch.sigmoid(F.linear(gate_in, self.ve_gate_bank[self.ve_layers.index(r)]))
+                    aux_v = (ve_gate.unsqueeze(-1) * ve[r].view(1, -1, H, hd)).flatten(2)
+                y = self.attention(attn_in, i, r, masks[i], self.rotary, aux_v, g["xsa"].get(r), g["attn"].get(r),
+                                   g["dc"] if last else None, docs)
+                if last: x = mu[8] * x + mu[9] * y + mu[10] * cache[0] + mu[11] * bigram
+                else:
+                    x = resid[i, 0] * x + post[i, 0] * y + x0 * g["x0"][r]
+                    if i: x = x + bigram * g["bigram"][r]
+            y = self.mlp(norm(x), i)
+            x = mu[12] * x + mu[13] * y if last else resid[i, 1] * x + post[i, 1] * y
+            if r in (SKIP_FROM, SHARED_IN): cache[r] = x
+        mu = self.mudd(x, 1, 5)  # after the loop: the saved states, layer 1's value embedding, backout folded in
+        saved = (cache[0], cache.get(SHARED_IN), cache["last_in"], ve.get(1, None), cache.get(SKIP_FROM))
+        x = x + sum(m * s for m, s in zip(mu, saved) if s is not None)
+        x = norm(x)[0]
         if mtp is not None:  # training: cross-entropy on the (bf16 on GPU) softcapped logits
             z = softcap(self.lm_head(x))
             return training_loss(z, targets, mtp, self.prefix_table[targets], prefix, self.mtp_across_docs)
@@ -499,14 +606,27 @@ class GPT(nn.Module):
             loss = loss + F.cross_entropy(logits, targets[i:i + head_chunk], reduction="sum")
         return loss
 
-    def layer_masks(self, masks_short_long):
-        short, long = masks_short_long
-        return [None if b.attn is None else long if i in self.lay["long"] else short for i, b in enumerate(self.blocks)]
+    def layer_masks(self, inputs, windows, flex):
+        """Each layer's attention mask (None: no attention) for the (short, long) windows; paired layers get the
+        doubled stream's."""
+        kinds = [None if r in NO_ATTN else (int(r in LONG), r in PAIRED) for r in self.rec]
+        made = {paired: make_masks(inputs, windows, flex, paired) for paired in {k[1] for k in kinds if k}}
+        return [None if k is None else made[k[1]][k[0]] for k in kinds]
+
+    def attention_flops(self, lengths, windows):
+        """Forward + backward attention FLOPs of one step: 12 * width per visible (query, key) pair; paired layers
+        count pairs in their doubled stream at half the width; DC, one attention with its window."""
+        D, total = self.qk_bank.size(-1), 0
+        for r in self.rec:
+            if r in NO_ATTN: continue
+            w = windows[r in LONG] * BLOCK
+            if r in PAIRED: total += 6 * D * sum(attention_pairs(2 * np.asarray(n), w) for n in lengths)
+            else: total += 12 * D * sum(attention_pairs(n, w) for n in lengths)
+        return total + 12 * D * sum(attention_pairs(n, self.dc_window - 1) for n in lengths)
 
 def matmul_params_per_token(h):
-    lay = layout(h.num_layers)
-    n_attn = h.num_layers - len(lay["no_attn"])
-    return n_attn * 4 * h.model_dim ** 2 + (h.num_layers - 1) * 8 * h.model_dim ** 2 + h.model_dim * h.vocab_size
+    n_attn = sum(r not in NO_ATTN for r in record_layers(h.num_layers))
+    return n_attn * 4 * h.model_dim ** 2 + h.num_layers * 8 * h.model_dim ** 2 + h.model_dim * h.vocab_size
 
 # ----------------------------------------------------------------------------------------------------
 # Optimizers: gradients are reduce-scattered inside step(), each rank updates its shard, results are all-gathered
@@ -536,65 +656,63 @@ def decay_rate(u, p, wd, mode, strict=False):
     return wd if mode == "decoupled" else 0.0
 
 class NorMuon:
-    """Nesterov momentum -> Polar Express (Q, K, V, O separately) -> NorMuon row/column normalization -> cautious WD."""
-    def __init__(self, params, comm: Comm, lr, beta2, weight_decay, ortho=polar_express, wd_mode="cautious"):
+    """Per bank of matrices [n, rows, cols]: Nesterov momentum -> Polar Express on each matrix -> NorMuon row/column
+    normalization -> cautious WD. A bank's matrices are split over the ranks (zero-padded to world * k), each rank
+    updates its k."""
+    def __init__(self, banks, comm: Comm, lr, beta2, weight_decay, ortho=polar_express, wd_mode="cautious"):
         self.comm, self.lr, self.beta2, self.weight_decay = comm, lr, beta2, weight_decay  # momentum: given per step
-        self.ortho, self.wd_mode = ortho, wd_mode
-        groups = {}
-        for kind, p in params: groups.setdefault((kind, tuple(p.shape), p.dtype), []).append(p)
-        self.groups = []
-        for (kind, shape, dtype), ps in groups.items():
-            k = -(-len(ps) // comm.world)  # matrices per rank; the stack is zero-padded to world * k
-            mats = (4 * k, shape[0], shape[1] // 4) if kind == "attn" else (k, *shape)
-            red = -1 if shape[0] >= shape[1] else -2  # as the record: the parameter's shape picks it, not the view
-            vshape = (*mats[:-1], 1) if red == -1 else (mats[0], 1, mats[-1])
-            lr_mul = torch.tensor([getattr(ps[i], "lr_mul", 1.0) if i < len(ps) else 0.0
-                                   for i in range(comm.rank * k, comm.rank * k + k)])
-            self.groups.append(dict(kind=kind, params=ps, k=k, mats=mats, red=red,
-                                    lr_mul=lr_mul.to(ps[0].device).view(-1, *[1] * len(shape)),
-                                    mom=torch.zeros(k, *shape, dtype=dtype, device=ps[0].device),
-                                    v=torch.zeros(vshape, dtype=torch.float32, device=ps[0].device)))
-
-    def _stack(self, g, tensors):
-        pad = g["k"] * self.comm.world - len(tensors)
-        return torch.stack(list(tensors) + [torch.zeros_like(tensors[0])] * pad)
+        self.ortho, self.wd_mode, self.groups = ortho, wd_mode, []
+        for p, lr_muls in banks:  # lr_muls: one per matrix; times sqrt(rows / cols) for tall matrices, as the record
+            n, rows, cols = p.view(-1, *p.shape[-2:]).shape
+            k = -(-n // comm.world)
+            lr_mul = [lr_muls[i] * max(1, rows / cols) ** 0.5 if i < n else 0.0 for i in range(k * comm.world)]
+            self.groups.append(dict(p=p, n=n, k=k, red=-1 if rows >= cols else -2,
+                                    lr_mul=torch.tensor(lr_mul[comm.rank * k:comm.rank * k + k], device=p.device),
+                                    mom=torch.zeros(k, rows, cols, dtype=p.dtype, device=p.device),
+                                    v=torch.zeros((k, rows, 1) if rows >= cols else (k, 1, cols), device=p.device)))
 
     @torch.no_grad()
     def step(self, lr_mult, momentum, wd_mult=None):  # wd_mult: the decay's schedule multiplier (default lr_mult)
         lr = self.lr * lr_mult
         wd = self.lr * (lr_mult if wd_mult is None else wd_mult) * self.weight_decay
-        rs = [self.comm.reduce_scatter(self._stack(g, [p.grad for p in g["params"]])) for g in self.groups]
+        world, r = self.comm.world, self.comm.rank
+        def padded(g, t):  # [n, rows, cols] -> [world * k, rows, cols]
+            t = t.view(g["n"], *t.shape[-2:])
+            return torch.cat([t, t.new_zeros(g["k"] * world - g["n"], *t.shape[1:])])
+        rs = [self.comm.reduce_scatter(padded(g, g["p"].grad)) for g in self.groups]
         gathers = []
         for g, (grad, work) in zip(self.groups, rs):
             if work is not None: work.wait()
-            k, r = g["k"], self.comm.rank
-            own = g["params"][r * k:(r + 1) * k]
-            P = torch.stack(own + [torch.zeros_like(g["params"][0])] * (k - len(own)))
+            k = g["k"]
+            P = padded(g, g["p"])[r * k:(r + 1) * k]
             if self.wd_mode == "l2": grad = grad + wd * P
             g["mom"].lerp_(grad, 1 - momentum)
             U = grad.lerp(g["mom"], momentum)  # Nesterov
-            O = self.ortho(U.view(g["mats"])).float()
+            O = self.ortho(U).float()
             fro = O.norm(dim=(-2, -1), keepdim=True)
             g["v"].lerp_(O.square().mean(g["red"], keepdim=True), 1 - self.beta2)
             O = O * g["v"].clamp_min(1e-10).rsqrt()
-            O = (O * (fro / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))).view(P.shape)
-            rows, cols = P.shape[-2:]
-            eff_lr = lr * max(1, rows / cols) ** 0.5 * g["lr_mul"]
+            O = O * (fro / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
             O = O + decay_rate(O, P, wd, self.wd_mode) * P  # cautious: only where the update already shrinks |p|
-            new = torch.empty(k * self.comm.world, *P.shape[1:], dtype=P.dtype, device=P.device)
-            gathers.append((g, new, self.comm.all_gather(new, (P - eff_lr * O).to(P.dtype))))
+            new = torch.empty(k * world, *P.shape[1:], dtype=P.dtype, device=P.device)
+            gathers.append((g, new, self.comm.all_gather(new, (P - lr * g["lr_mul"].view(-1, 1, 1) * O).to(P.dtype))))
         for g, new, work in gathers:
             if work is not None: work.wait()
-            for p, v in zip(g["params"], new): p.copy_(v)
+            g["p"].view(g["n"], *new.shape[1:]).copy_(new[:g["n"]])
 
     def state(self):  # this rank's shards
         return [dict(mom=g["mom"], v=g["v"]) for g in self.groups]
 
-# Adam parameters as record #89, by the first name that a parameter's name contains: (betas, lr_mul, wd_mul)
-ADAM_PARAMS = {"lm_head": ((0.5, 0.95), 1.0, 150.0), "bigram_embed": ((0.75, 0.95), 75.0, 5.0),
-               "value_embeds": ((0.75, 0.95), 75.0, 5.0), "embed": ((0.5, 0.95), 1.0, 150.0),
-               "smear_gate": ((0.9, 0.99), 0.01, 0.0), "gate": ((0.9, 0.99), 1.0, 1.0),
-               "scalars": ((0.9, 0.99), 5.0, 0.0)}
+# Adam parameters as record #89, by name (without ".weight"): (betas, lr_mul, wd_mul)
+ADAM_PARAMS = {"lm_head": ((0.5, 0.95), 1.0, 150.0), "embed": ((0.5, 0.95), 1.0, 150.0),
+               "bigram_embed": ((0.75, 0.95), 75.0, 5.0), "value_embeds": ((0.75, 0.95), 75.0, 5.0),
+               "smear_gate": ((0.9, 0.99), 0.01, 0.0), "ve_gate_bank": ((0.9, 0.99), 1.0, 1.0),
+               "scalars": ((0.9, 0.99), 5.0, 0.0), "resid_lambdas": ((0.9, 0.95), 5.0, 0.0),
+               "post_lambdas": ((0.9, 0.95), 1.0, 0.0), "mudd_w1": ((0.9, 0.99), 0.25, 1.0),
+               "mudd_w2": ((0.9, 0.99), 0.25, 1.0), "mudd_b2": ((0.9, 0.99), 0.25, 0.0),
+               "mudd_gate_w1": ((0.9, 0.99), 0.1, 1.0), "mudd_gate_w2": ((0.9, 0.99), 0.1, 1.0),
+               "mudd_gate_b2": ((0.9, 0.99), 0.1, 0.0), "mudd_gate_scale": ((0.9, 0.99), 0.1, 0.0)}
+MUON_PARAMS = ("qk_bank", "vo_bank", "mlp_bank")  # NorMuon; the MLP's down projections at 2x lr
 
 class DistAdam:
     """Adam with bias correction and the record's decay lambda = (lr * lr_mul)^2 * weight_decay * wd_mul (cautious:
@@ -603,16 +721,18 @@ class DistAdam:
     def __init__(self, params, comm: Comm, lr, eps, weight_decay, wd_mode="cautious"):  # (p, betas, lr_mul, wd_mul)
         self.comm, self.lr, self.eps, self.weight_decay, self.wd_mode = comm, lr, eps, weight_decay, wd_mode
         self.params, self.cfg, self.t = [p for p, *_ in params], [c for _, *c in params], 0
-        self.sharded = [p.size(0) % comm.world == 0 and comm.world > 1 for p in self.params]
-        self.m = [torch.zeros(p.size(0) // comm.world if sh else p.size(0), *p.shape[1:], dtype=torch.float32,
-                              device=p.device) for p, sh in zip(self.params, self.sharded)]
+        self.sharded = [p.dim() > 0 and p.size(0) % comm.world == 0 and comm.world > 1 for p in self.params]
+        self.m = [torch.zeros(p.size(0) // comm.world, *p.shape[1:]) if sh else torch.zeros(p.shape)
+                  for p, sh in zip(self.params, self.sharded)]
+        self.m = [m.to(p.device) for m, p in zip(self.m, self.params)]
         self.v = [torch.zeros_like(m) for m in self.m]
 
     @torch.no_grad()
     def step(self, lr_mult, wd_mult=None, skip=()):  # skip: parameters left alone this step (a tied embedding)
         self.t += 1
         todo = [i for i, p in enumerate(self.params) if all(p is not q for q in skip)]
-        rs = {i: (self.comm.reduce_scatter if self.sharded[i] else self.comm.all_reduce)(self.params[i].grad)
+        rs = {i: (self.comm.reduce_scatter if self.sharded[i] else self.comm.all_reduce)(
+            torch.zeros_like(self.params[i]) if self.params[i].grad is None else self.params[i].grad)  # unused: 0
               for i in todo}
         gathers = []
         for i in todo:
@@ -822,11 +942,11 @@ class Trainer:
         self.flex = device.type == "cuda"
         self.fwd = torch.compile(self.model, dynamic=False, fullgraph=True) if h.compile else self.model
         m = self.model
-        muon = [("attn", b.attn.qkvo_w) for b in m.blocks if b.attn]
-        muon += [("mlp", p) for b in m.blocks if b.mlp for p in (b.mlp.c_fc, b.mlp.c_proj)]
-        self.muon_params = [p for _, p in muon]
-        adam = [(p, *ADAM_PARAMS[next(k for k in ADAM_PARAMS if k in name)]) for name, p in m.named_parameters()
-                if all(p is not q for q in self.muon_params)]
+        muon = [(m.qk_bank, [1.0] * len(m.qk_bank)), (m.vo_bank, [1.0] * len(m.vo_bank)),
+                (m.mlp_bank, [1.0, 2.0] * len(m.mlp_bank))]
+        self.muon_params = [p for p, _ in muon]
+        adam = [(p, *ADAM_PARAMS[name.removesuffix(".weight")]) for name, p in m.named_parameters()
+                if name not in MUON_PARAMS]
         self.adam_params = [p for p, *_ in adam]
         ortho = torch.compile(polar_express, dynamic=False, fullgraph=True) if h.compile else polar_express
         self.muon = NorMuon(muon, self.comm, h.lr, h.beta2, h.weight_decay, ortho, h.wd_mode)
@@ -852,7 +972,7 @@ class Trainer:
         batches, lengths = loader.next_step(plan.batch_size, plan.max_seq_len)
         mtp, prefix = self.loss_weights[step]
         for inputs, targets, bigram in batches:
-            masks = self.model.layer_masks(make_masks(inputs, windows, self.flex))
+            masks = self.model.layer_masks(inputs, windows, self.flex)
             loss, next_token_loss = self.fwd(inputs, targets, bigram, masks, mtp, prefix)
             (loss / 8).backward()  # gradients summed over ranks and micro-batches = mean over the 8 slots
             self.loss_sum += next_token_loss.detach()
@@ -936,7 +1056,7 @@ class Trainer:
             inputs, bigram = (None if a is None else torch.from_numpy(a).int().to(self.device)
                               for a in (inputs, bigram))
             targets = F.pad(torch.from_numpy(tokens[1:]).to(self.device), (0, pad), value=-100)
-            masks = self.model.layer_masks(make_masks(inputs, windows, self.flex))
+            masks = self.model.layer_masks(inputs, windows, self.flex)
             total += self.fwd(inputs, targets, bigram, masks, head_chunk=self.h.val_head_chunk)
         if self.world > 1: dist.all_reduce(total)
         return total.item() / self.h.val_tokens
@@ -965,8 +1085,7 @@ class Trainer:
             out = t.new_empty(t.size(0) * self.world, *t.shape[1:])
             dist.all_gather_into_tensor(out, t.contiguous())
             return out.cpu()
-        muon = [{k: gather(v)[:len(g["params"]) * (4 if g["kind"] == "attn" and k == "v" else 1)] for k, v in s.items()}
-                for g, s in zip(self.muon.groups, self.muon.state())]
+        muon = [{k: gather(v)[:g["n"]] for k, v in s.items()} for g, s in zip(self.muon.groups, self.muon.state())]
         pending = []
         for p in self.adam_params:  # gradients that Adam has accumulated but not yet used (after an even step)
             if p.grad is None:
@@ -1001,10 +1120,13 @@ class Trainer:
         self.snapshots = sd.get("snapshots", [])[-self.h.average_last:] if self.h.average_last else []
 
 def weight_norms(model):
-    """wnorm: global L2 norm of the weights; wnorm_{attn,mlp,embed,head,scalars}: per group (smear gate: scalars)."""
+    """wnorm: global L2 norm of the weights; wnorm_{attn,mlp,embed,head,scalars}: per group (scalars: the lambdas, the
+    gates and the MUDD weights)."""
+    groups = dict(qk_bank="attn", vo_bank="attn", mlp_bank="mlp", embed="embed", value_embeds="embed",
+                  bigram_embed="embed", lm_head="head")
     sq = dict.fromkeys(("attn", "mlp", "embed", "head", "scalars"), 0.0)
     for name, p in model.named_parameters():
-        sq[next((g for g in sq if g in name), "scalars")] += p.detach().double().square().sum().item()
+        sq[groups.get(name.removesuffix(".weight"), "scalars")] += p.detach().double().square().sum().item()
     return {"wnorm": math.sqrt(sum(sq.values())), **{f"wnorm_{g}": math.sqrt(v) for g, v in sq.items()}}
 
 def environment(h, world):
@@ -1043,7 +1165,7 @@ def prefix_table(vocab, vocab_size):
 
 RANGES = [  # (fields, rule, what the rule says): every numeric hyperparameter is checked before any work
     (("val_tokens", "val_seq_len", "val_head_chunk", "train_batch_size", "train_max_seq_len", "num_iterations",
-      "num_heads", "ws_extension", "ws_validate", "bigram_sign_rows"), lambda v: v >= 1, ">= 1"),
+      "num_heads", "ws_extension", "ws_validate", "bigram_sign_rows", "dc_window"), lambda v: v >= 1, ">= 1"),
     (("num_extension_iterations", "warmup_steps", "val_loss_every", "momentum_warmup_steps", "momentum_cooldown_steps",
       "kernel_warmup_steps", "checkpoint_every", "average_last", "weight_decay", "adam_weight_decay", "min_lr_frac",
       "stage_lr", "untie_stage", "bigram_vocab_size"), lambda v: v >= 0, ">= 0"),
@@ -1078,7 +1200,8 @@ def validate(h, world):
         (0 < S, "--num_extension_iterations must be smaller than --num_iterations"),
         (h.model_dim % h.num_heads == 0 and (h.model_dim // h.num_heads) % 4 == 0,
          "--model_dim must be --num_heads times a multiple of 4"),
-        (h.model_dim >= 12 and h.num_layers >= 2, "--model_dim must be >= 12 and --num_layers >= 2"),
+        (h.model_dim >= 12 and 2 <= h.num_layers <= 11, "--model_dim must be >= 12 and --num_layers 2 to 11"),
+        (h.num_heads % 2 == 0, f"--num_heads={h.num_heads}: use an even number (paired-head attention)"),
         (h.vocab_size > BOS and h.vocab_size % 8 == 0, "--vocab_size must exceed 50256 and be a multiple of 8"),
         (len(h.ws_schedule) > 0 and min(h.ws_schedule) >= 1,
          f"--ws_schedule={flag_value(h.ws_schedule)}: give one or more windows >= 1 (in 128-token blocks)"),
@@ -1197,9 +1320,6 @@ def main(argv):
 
     loader = TrainLoader(h, rank, world, device, **loader_state)
     flops_token = 6 * matmul_params_per_token(h)
-    n_attn = {"short": 0, "long": 0}
-    for i, b in enumerate(trainer.model.blocks):
-        if b.attn: n_attn["long" if i in trainer.model.lay["long"] else "short"] += 1
     total_flops, val_loss, last_val = 0.0, float("nan"), start
     clock = Clock(train_ms, trainer.sync)
     if vocab is not None:  # the prefix-token table is built on the clock, as the record
@@ -1250,10 +1370,7 @@ def main(argv):
         if loader.epoch != epoch:
             log(f"train data: the files ran out at step {step}; pass {loader.epoch + 1} over them starts "
                 "(--repeat_data=1)")
-        pairs = {kind: sum(attention_pairs(piece_lengths, ws * BLOCK) for piece_lengths in lengths)
-                 for kind, ws in zip(("short", "long"), windows)}
-        attention_flops = 12 * h.model_dim * sum(n_attn[k] * pairs[k] for k in pairs)
-        total_flops += flops_token * plans[step].batch_size + attention_flops
+        total_flops += flops_token * plans[step].batch_size + trainer.model.attention_flops(lengths, windows)
         elapsed = clock.now()
         log(f"step:{step + 1}/{h.num_iterations} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
 

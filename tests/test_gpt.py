@@ -55,66 +55,65 @@ def test_polar_express_against_svd(shape):
     assert sv.min() > 0.8 and sv.max() < 1.2  # formulas.md: [1e-3, 1] maps into [0.847, 1.141]
     assert rel(tg.polar_express(G), U @ V.T) < 0.15
 
-def normuon_reference(p, g, mom, v, kind, lr, wd, mu, beta2, lr_mul, ortho):
-    """One NorMuon + cautious-WD step for one parameter, fp64, one matrix at a time."""
+def normuon_reference(p, g, mom, v, lr, wd, mu, beta2, lr_muls, ortho):
+    """One NorMuon + cautious-WD step for one bank [n, rows, cols], fp64, one matrix at a time."""
     mom = mu * mom + (1 - mu) * g
     u = (1 - mu) * g + mu * mom
-    mats = list(u.view(4, u.size(0), -1)) if kind == "attn" else [u]
+    rows, cols = p.shape[-2:]
     outs, new_v = [], []
-    for m, vi in zip(mats, v):
+    for m, vi in zip(u, v):
         o = ortho(m)
-        # the record's rule: one statistic per row when the *parameter* is tall or square, else one per column,
-        # also for each square Q/K/V/O matrix of a wide [dim, 4 * dim] attention parameter
-        stat = (o ** 2).mean(dim=1, keepdim=True) if p.size(0) >= p.size(1) else (o ** 2).mean(dim=0, keepdim=True)
+        # the record's rule, per matrix: one statistic per row when the matrix is tall or square, else one per column
+        stat = (o ** 2).mean(dim=1, keepdim=True) if rows >= cols else (o ** 2).mean(dim=0, keepdim=True)
         vi = beta2 * vi + (1 - beta2) * stat
         o2 = o / vi.clamp_min(1e-10).sqrt()
         outs.append(o2 * o.norm() / o2.norm())
         new_v.append(vi)
-    upd = torch.stack(outs).view_as(p)
-    eff_lr = lr * max(1, p.size(0) / p.size(1)) ** 0.5 * lr_mul
+    upd = torch.stack(outs)
+    # each matrix's lr: its multiplier times sqrt(rows / cols) when tall
+    eff_lr = lr * max(1, rows / cols) ** 0.5 * torch.tensor(lr_muls, dtype=torch.float64).view(-1, 1, 1)
     decay = torch.where(upd * p >= 0, lr * wd * p, torch.zeros_like(p))
     return p - eff_lr * (upd + decay), mom, new_v
+
+# banks: (shape, per-matrix lr multipliers); wide, tall and square matrices, and a 4-d bank viewed as [n, rows, cols]
+# as the MLP bank [layers, 2, 4 * dim, dim] is
+NORMUON_BANKS = [((3, 16, 64), [1.0, 2.0, 0.5]), ((2, 64, 16), [1.0, 2.0]), ((1, 2, 12), [1.0]), ((1, 24, 12), [1.0]),
+                 ((2, 2, 32, 16), [1.0, 2.0, 1.0, 2.0]), ((2, 16, 16), [1.0, 0.5])]
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_normuon_cautious_wd_step_against_reference(exact):
     torch.manual_seed(1)
-    d = 16
-    specs = [("attn", (d, 4 * d), 1.0), ("mlp", (d, 4 * d), 2.0), ("mlp", (d, 4 * d), 1.0), ("gate", (2, 12), 1.0),
-             ("gate", (24, 12), 1.0)]
-    params = []
-    for kind, shape, mul in specs:
-        p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float32) * 0.1)
-        p.lr_mul = mul
-        params.append((kind, p))
+    params = [torch.nn.Parameter(torch.randn(shape, dtype=torch.float32) * 0.1) for shape, _ in NORMUON_BANKS]
     ortho_code = (lambda U: U.float()) if exact else tg.polar_express
     ortho_ref = (lambda m: m) if exact else pe_reference
-    opt = tg.NorMuon(params, tg.Comm(0, 1), lr=0.03, beta2=0.95, weight_decay=1.2, ortho=ortho_code)
-    ref, p0 = [], [p.detach().double().clone() for _, p in params]
-    for kind, p in params:
-        n_mats = 4 if kind == "attn" else 1
-        mats_shape = (p.size(0), p.size(1) // n_mats)
-        vshape = (mats_shape[0], 1) if p.size(0) >= p.size(1) else (1, mats_shape[1])
-        ref.append([p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64),
-                    [torch.zeros(vshape, dtype=torch.float64)] * n_mats])
+    banks = [(p, muls) for p, (_, muls) in zip(params, NORMUON_BANKS)]
+    opt = tg.NorMuon(banks, tg.Comm(0, 1), lr=0.03, beta2=0.95, weight_decay=1.2, ortho=ortho_code)
+    ref, p0 = [], [p.detach().double().clone() for p in params]
+    for p in params:
+        mats = p.detach().double().reshape(-1, *p.shape[-2:]).clone()
+        rows, cols = p.shape[-2:]
+        vshape = (rows, 1) if rows >= cols else (1, cols)
+        ref.append([mats, torch.zeros_like(mats), [torch.zeros(vshape, dtype=torch.float64)] * mats.size(0)])
     for step, (lr_mult, mu) in enumerate([(1.0, 0.85), (0.5, 0.9), (0.3, 0.95)]):
-        grads = [torch.randn_like(p) for _, p in params]
-        for (kind, p), g in zip(params, grads): p.grad = g.clone()
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads): p.grad = g.clone()
         opt.step(lr_mult, mu)
-        for (kind, p), g, r in zip(params, grads, ref):
-            r[0], r[1], r[2] = normuon_reference(r[0], g.double(), r[1], r[2], kind, 0.03 * lr_mult, 1.2, mu, 0.95,
-                                                 p.lr_mul, ortho_ref)
-    for (kind, p), r, start in zip(params, ref, p0):  # compare the total change of each parameter
-        assert rel(p.detach().double() - start, r[0] - start) < (1e-5 if exact else 0.08), kind
+        for p, g, r, (_, muls) in zip(params, grads, ref, NORMUON_BANKS):
+            g_mats = g.double().reshape(-1, *p.shape[-2:])
+            r[0], r[1], r[2] = normuon_reference(r[0], g_mats, r[1], r[2], 0.03 * lr_mult, 1.2, mu, 0.95, muls,
+                                                 ortho_ref)
+    for p, r, start, (shape, _) in zip(params, ref, p0, NORMUON_BANKS):  # the total change of each bank
+        assert rel(p.detach().double() - start, r[0].view(shape) - start) < (1e-5 if exact else 0.08), shape
 
 def test_cautious_mask_decays_only_where_update_shrinks():
     # with the update fixed to +1 everywhere (identity orthogonalization of a constant gradient), the decay must
     # hit exactly the positive entries: p -> p - lr*(u + lr*wd*p) where p >= 0, p - lr*u elsewhere
     p = torch.nn.Parameter(torch.tensor([[0.5, -0.5, 2.0, -2.0]]).repeat(4, 1))
-    opt = tg.NorMuon([("gate", p)], tg.Comm(0, 1), lr=0.1, beta2=0.0, weight_decay=2.0, ortho=lambda U: U.float())
+    opt = tg.NorMuon([(p, [1.0])], tg.Comm(0, 1), lr=0.1, beta2=0.0, weight_decay=2.0, ortho=lambda U: U.float())
     p.grad = torch.ones_like(p)
     p0 = p.detach().clone()
     opt.step(1.0, 0.0)
-    # beta2=0: normalization divides by rms of the column (1) and restores the norm: update stays 1
+    # beta2=0: normalization divides by the rms of each row (1) and restores the norm: update stays 1
     expected = torch.where(p0 >= 0, p0 - 0.1 * (1 + 0.1 * 2.0 * p0), p0 - 0.1)
     assert torch.allclose(p.detach(), expected, atol=1e-6)
 
@@ -144,19 +143,41 @@ def test_momentum_and_lr_warmup_at_boundaries():
     assert tg.lr_schedule(0, h) == pytest.approx(0.1) and tg.lr_schedule(9, h) == 1.0
     assert tg.lr_schedule(9, h, stage_lr=1.52) == 1.52
 
+def rope_reference(x, pair_freq, positions):
+    """fp64 RoPE on adjacent pairs: dims (2i, 2i+1) of x[:, t, h] turn by positions[t, h] * pair_freq[i] radians as
+    (x0 cos + x1 sin, x1 cos - x0 sin); dims past the pairs of pair_freq stay."""
+    x = x.double()
+    theta = positions.double()[..., None] * pair_freq.double()  # [T, H, pairs]
+    x0, x1 = x[..., 0:2 * pair_freq.numel():2], x[..., 1:2 * pair_freq.numel():2]
+    y = x.clone()
+    y[..., 0:2 * pair_freq.numel():2] = x0 * theta.cos() + x1 * theta.sin()
+    y[..., 1:2 * pair_freq.numel():2] = x1 * theta.cos() - x0 * theta.sin()
+    return y
+
 def test_yarn_update():
     r = tg.Rotary(128, 256, torch.float32)
     f0 = r.freq.clone()
+    # 32 frequencies (1/1024)^(i/31), each on an adjacent pair of the first 64 dims; the second half stays put
+    base = (1 / 1024) ** torch.linspace(0, 1, 32, dtype=torch.float64)
+    assert torch.allclose(f0[0:64:2], base, rtol=1e-12) and torch.equal(f0[0:64:2], f0[1:64:2])
+    assert (f0[64:] == 0).all()
     r.set_window(3)
     r.set_window(7)
     rot = 128 * 3 * f0 / (2 * math.pi)
     ramp = ((rot - 1) / 31).clamp(0, 1)
-    assert torch.allclose(r.freq, f0 * (3 / 7 + ramp * (1 - 3 / 7)))
+    expect = f0 * (3 / 7 + ramp * (1 - 3 / 7))
+    assert torch.allclose(r.freq, expect)
     assert r.attn_scale == pytest.approx(0.1 * (0.2 * math.log(7 / 3) + 1))
-    assert (r.freq[32:] == 0).all() and r.freq[0] == f0[0]  # stationary half stays; the fastest frequency is untouched
-    x = torch.randn(1, 256, 2, 128)
-    y = r(x)  # a rotation: norms of each (x1_i, x2_i) pair are kept
-    assert torch.allclose((y[..., :64] ** 2 + y[..., 64:] ** 2), (x[..., :64] ** 2 + x[..., 64:] ** 2), atol=1e-4)
+    assert (r.freq[64:] == 0).all() and r.freq[0] == f0[0]  # stationary half stays; the fastest frequency is untouched
+    T, H = 256, 4
+    x = torch.randn(1, T, H, 128)
+    token = torch.arange(T)[:, None].expand(T, H)
+    ref = rope_reference(x, expect[0:64:2], token)  # every head at its token's position
+    assert (r(x).double() - ref).abs().max() < 1e-4
+    # paired heads: head h of token t at position 2t + h % 2 (the record's table of 2 * max_len positions)
+    ref = rope_reference(x, expect[0:64:2], 2 * token + torch.arange(H) % 2)
+    assert (r(x, paired=True).double() - ref).abs().max() < 1e-4
+    assert (ref - rope_reference(x, expect[0:64:2], token)).abs().max() > 0.1  # the two placements differ
 
 # ---------------------------------------------------------------------------------------------- attention masks
 
@@ -635,20 +656,30 @@ def test_evaluation_covers_exactly_val_tokens(gpt_files):
         # reference: the unpadded 1000-token stream in one piece, fp32 per-token cross-entropy averaged here
         inputs, targets = torch.from_numpy(val[:1000].astype(np.int32)), torch.from_numpy(val[1:1001].astype(np.int64))
         trainer.model.eval()
-        masks = trainer.model.layer_masks(tg.make_masks(inputs, trainer.schedule.at(0).windows, flex=False))
+        masks = trainer.model.layer_masks(inputs, trainer.schedule.at(0).windows, flex=False)
         bigram = torch.from_numpy(tg.bigram_index(val[:1000], h.bigram_vocab_size))
         ref = trainer.model(inputs, targets, bigram, masks, head_chunk=10 ** 9) / 1000
     assert loss == pytest.approx(float(ref), rel=1e-5)
 
 def test_record_model_size_matches_the_reference():
-    # shared/reference/modded_nanogpt.md §1.0 and §3: about 268.7 M parameters, 154.5 M of them in the four embedding
-    # tables; matmul parameters per token: 10 attention layers x 4*768^2 + 11 MLPs x 2*768*3072 + the 768 x 50304 head
+    # record #89 (README): 11 layers of width 768 with 6 heads, attention in all but layer 6, an MLP in all 11;
+    # matmul parameters per token: 10 attention layers x 4*768^2 + 11 MLPs x 2*768*3072 + the 768 x 50304 head
     h = tg.Hyperparameters()
-    assert tg.matmul_params_per_token(h) == 10 * 4 * 768 ** 2 + 11 * 2 * 768 * 3072 + 768 * 50304
+    D, V, H, L = 768, 50304, 6, 11
+    assert tg.matmul_params_per_token(h) == 10 * 4 * D ** 2 + 11 * 2 * D * 3072 + D * V
     with torch.device("meta"):
         model = tg.GPT(h, 128, torch.bfloat16)
-    # record #89's bigram hash table (§2.1: 377,280 x 768) comes on top, and 12 bigram lambdas among the scalars
-    bigram = model.bigram_embed.weight.numel()
-    total = sum(p.numel() for p in model.parameters()) - bigram
+    # the parameters by hand, from the record's model: the embedding, the head and 5 value-embedding tables (layers
+    # 1, 2, 8, 9, 10); Q, K, V, O of 10 attention layers and the MLP up and down of 11; the smear gate (12 -> 1) and a
+    # value-embedding gate per head of each VE layer (12 -> 1); 2 attention lambdas a layer, smear and skip, residual
+    # and output lambdas (2 a layer each); two MUDD MLPs 768 -> 64 -> 14 and two MUDD-gate MLPs 768 -> 64 -> 41 (the
+    # record stores both gates 41 wide) with biases, and the gates' scale; the bigram hash table 377,280 x 768
+    tables, matrices, gates = 7 * V * D, 10 * 4 * D * D + 11 * 2 * 3072 * D, 12 + 5 * H * 12
+    lambdas = 2 * L + 2 + 2 * L + 2 * L
+    mudd = 2 * (64 * D + 14 * 64 + 14) + 2 * (64 * D + 41 * 64 + 41) + 1
+    bigram = 377280 * D
+    assert model.bigram_embed.weight.numel() == bigram
+    total = sum(p.numel() for p in model.parameters())
+    assert total == tables + matrices + gates + lambdas + mudd + bigram  # 346.1 M + 289.8 M
     embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n) - bigram
-    assert bigram == 377280 * 768 and round(total / 1e6, 1) == 268.7 and round(embed / 1e6, 1) == 154.5
+    assert embed == 6 * V * D  # the embedding and the value embeddings (the head is the 7th table)

@@ -222,7 +222,7 @@ def test_loader_gives_each_slot_its_bigram_rows(gpt_files):
             assert inputs[0] == BOS_ID and len(inputs) == batch_size // 8
             assert bigram.tolist() == bigram_reference(inputs.tolist(), 1024)
 
-def test_bigram_injection_with_its_sign_row():
+def test_bigram_injection_with_its_sign_row(monkeypatch):
     h = tg.parse_args(SMALL + ["--bigram_sign_rows=1000"])  # not a power of 2: the modulo shows
     torch.manual_seed(0)
     model = tg.GPT(h, 256, torch.float32).eval()
@@ -231,20 +231,26 @@ def test_bigram_injection_with_its_sign_row():
     tokens[[0, 100]] = BOS_ID
     inputs = torch.from_numpy(tokens).int()
     bigram_rows = torch.from_numpy(tg.bigram_index(tokens, 1024))
+    H = h.num_heads
     with torch.no_grad():
         model.bigram_embed.weight.normal_()
-        L, scalars = len(model.blocks), model.scalars
-        scalars[L + 2:L + 4] = 0.0  # layer 1's block lambdas (x and x0 weights, GPT.forward's layout): its input is
-        scalars[5 * L + 3] = 1.0    # the bigram term alone, with layer 1's bigram lambda 1
+        # a zero embedding: x0 = 0, so layer 0's input is the bigram term alone times its injection weight, which the
+        # pre MUDD gate gives (it reads x0 = 0: its bias times its scale); the gate's outputs are the XSA strengths of
+        # layers 1 and 3, the attention gate of layer 3 (H each), then an (x0, bigram) weight pair per layer 0..3
+        model.embed.weight.zero_()
+        model.mudd_gate_scale.fill_(1.0)
+        model.mudd_gate_b2[0, 3 * H + 1] = 1.0  # layer 0's bigram weight
     seen = []
-    model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0][0].detach().clone()))
-    masks = model.layer_masks(tg.make_masks(inputs, (1, 3), flex=False))
+    real_norm = tg.norm
+    monkeypatch.setattr(tg, "norm", lambda x: seen.append(x.detach().clone()) or real_norm(x))
+    masks = model.layer_masks(inputs, (1, 3), flex=False)
     with torch.no_grad(): model(inputs, torch.zeros(256, dtype=torch.int64), bigram_rows, masks)
     table, signs = model.bigram_embed.weight, model.bigram_signs
     assert set(signs.unique().tolist()) == {-1.0, 1.0}
     expect = torch.stack([table[bigram_rows[p]] * signs[0 if p == 0 else int(tokens[p - 1] ^ tokens[p]) % 1000]
                           for p in range(256)])
-    assert torch.equal(seen[0], expect)
+    assert torch.equal(seen[0], torch.zeros(256, h.model_dim))  # the embedding (and its smear), normed first
+    assert torch.equal(seen[1][0], expect)  # then layer 0's attention input
 
 # ---------------------------------------------------------------------------------------------- Adam
 

@@ -93,47 +93,48 @@ def test_bad_value_on_the_command_line(tmp_path):
 
 MODES = ["cautious", "decoupled", "l2", "none"]
 
-def normuon_first_step_ref(p, g, kind, lr, lam, mode, mu, beta2, lr_mul):
-    """One NorMuon step from zero state in fp64, identity orthogonalization; the decay per mode."""
+def normuon_first_step_ref(p, g, lr, lam, mode, mu, beta2, lr_muls):
+    """One NorMuon step from zero state in fp64 on a bank [n, rows, cols], identity orthogonalization; the decay per
+    mode."""
     p, g = p.double(), g.double()
     if mode == "l2": g = g + lam * p  # L2: the gradient of lam/2 |p|^2 joins the loss gradient
     u = (1 - mu) * g + mu * ((1 - mu) * g)  # Nesterov with the momentum after its first update
-    mats = u.view(4, p.size(0), -1) if kind == "attn" else u[None]
+    rows, cols = p.shape[-2:]
     outs = []
-    for o in mats:
-        # one statistic per row if the parameter (not the Q/K/V/O view) is tall or square, else one per column
-        stat = (o ** 2).mean(dim=1, keepdim=True) if p.size(0) >= p.size(1) else (o ** 2).mean(dim=0, keepdim=True)
+    for o in u:
+        # one statistic per row if the matrix is tall or square, else one per column
+        stat = (o ** 2).mean(dim=1, keepdim=True) if rows >= cols else (o ** 2).mean(dim=0, keepdim=True)
         o2 = o / ((1 - beta2) * stat).sqrt()
         outs.append(o2 * o.norm() / o2.norm())
-    upd = torch.stack(outs).reshape(p.shape)
+    upd = torch.stack(outs)
     mask = {"cautious": (upd * p >= 0).double(), "decoupled": torch.ones_like(p), "l2": torch.zeros_like(p),
             "none": torch.zeros_like(p)}[mode]
-    return p - lr * max(1, p.size(0) / p.size(1)) ** 0.5 * lr_mul * (upd + lam * mask * p)
+    lr_mul = torch.tensor(lr_muls, dtype=torch.float64).view(-1, 1, 1)  # per matrix, times sqrt(rows / cols) if tall
+    return p - lr * max(1, rows / cols) ** 0.5 * lr_mul * (upd + lam * mask * p)
 
 # wd_mult None: decay on the LR schedule (lambda = wd * lr_t); 1.0: at the peak lr
 @pytest.mark.parametrize("wd_mult", [None, 1.0])
 def test_normuon_decay_modes_against_reference(wd_mult):
     torch.manual_seed(3)
-    specs = [("attn", (8, 32), 1.0), ("mlp", (8, 32), 2.0), ("gate", (2, 12), 1.0), ("gate", (24, 12), 1.0)]
-    p0 = [torch.randn(shape) for _, shape, _ in specs]
-    grads = [torch.randn(shape) * 0.5 for _, shape, _ in specs]
+    banks = [((4, 8, 8), [1.0, 1.0, 2.0, 2.0]), ((2, 32, 8), [1.0, 2.0]), ((1, 2, 12), [1.0]), ((1, 24, 12), [1.0])]
+    p0 = [torch.randn(shape) for shape, _ in banks]
+    grads = [torch.randn(shape) * 0.5 for shape, _ in banks]
     base, lr_mult, wd = 0.05, 0.4, 3.0
     lam = base * (lr_mult if wd_mult is None else wd_mult) * wd
     refs = {}
     for mode in MODES:
         params = []
-        for (kind, _, mul), p in zip(specs, p0):
+        for p, g in zip(p0, grads):
             q = torch.nn.Parameter(p.clone())
-            q.lr_mul = mul
-            q.grad = grads[len(params)].clone()
-            params.append((kind, q))
-        opt = tg.NorMuon(params, tg.Comm(0, 1), lr=base, beta2=0.95, weight_decay=wd, ortho=lambda U: U.float(),
-                         wd_mode=mode)
+            q.grad = g.clone()
+            params.append(q)
+        opt = tg.NorMuon([(q, muls) for q, (_, muls) in zip(params, banks)], tg.Comm(0, 1), lr=base, beta2=0.95,
+                         weight_decay=wd, ortho=lambda U: U.float(), wd_mode=mode)
         opt.step(lr_mult, 0.9, wd_mult)
         refs[mode] = []
-        for (kind, q), p, g, (_, _, mul) in zip(params, p0, grads, specs):
-            ref = normuon_first_step_ref(p, g, kind, base * lr_mult, lam, mode, 0.9, 0.95, mul)
-            assert rel(q.detach() - p, ref - p.double()) < 1e-4, (mode, kind)  # fp32 rounding of p
+        for q, p, g, (shape, muls) in zip(params, p0, grads, banks):
+            ref = normuon_first_step_ref(p, g, base * lr_mult, lam, mode, 0.9, 0.95, muls)
+            assert rel(q.detach() - p, ref - p.double()) < 1e-4, (mode, shape)  # fp32 rounding of p
             refs[mode].append(ref)
     for a, b in [("cautious", "decoupled"), ("decoupled", "none"), ("l2", "none"), ("cautious", "none")]:
         # the test can tell them apart
@@ -240,13 +241,13 @@ def test_evaluating_other_weights_restores_the_live_ones(gpt_files):
 
 def same_bits(a, b):
     return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))  # 0-d too
 
-def group_of(name):  # the wnorm groups, by hand
-    if ".attn." in name: return "attn"
-    if ".mlp." in name: return "mlp"
-    if name.startswith(("embed.", "value_embeds.", "bigram_embed.")): return "embed"
-    return "head" if name.startswith("lm_head.") else "scalars"
+def group_of(name):  # the wnorm groups, by hand: the banks of attention and MLP matrices, the tables, the head
+    if name in ("qk_bank", "vo_bank"): return "attn"
+    if name == "mlp_bank": return "mlp"
+    if name in ("embed.weight", "value_embeds", "bigram_embed.weight"): return "embed"
+    return "head" if name == "lm_head.weight" else "scalars"  # lambdas, gates, MUDD weights
 
 def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
     args = gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2",
@@ -291,6 +292,7 @@ def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
     for key, weights in [("val_loss", w[4]), ("ema_val_loss", shadow), ("avg_val_loss", avg["model"])]:
         loss = trainer.evaluate_weights(4, val, [weights[n].float() for n in names])
         assert abs(loss - float(fields[-1][key])) < 6e-5, key
+    assert {group_of(n) for n in names} == set(groups)  # each group holds parameters
     sq = {g: sum(float((w[4][n] ** 2).sum()) for n in names if group_of(n) == g) for g in groups}
     assert float(fields[-1]["wnorm"]) == pytest.approx(math.sqrt(sum(sq.values())), abs=6e-3)
     for g in groups: assert float(fields[-1][f"wnorm_{g}"]) == pytest.approx(math.sqrt(sq[g]), abs=6e-3), g
