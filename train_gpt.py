@@ -48,7 +48,7 @@ class Hyperparameters:
     val_loss_every: int = 250           # steps between validations; 0 = only at the end
     vocab_size: int = 50304             # embedding and head rows (GPT-2's 50257 padded to a multiple of 128)
     model_dim: int = 768                # residual stream width
-    num_layers: int = 11                # layers: the record's 11, or 2 to 10 of them spread evenly (see GPT)
+    num_layers: int = 11                # layers: the record's 11, or 2 to 10 of them spread evenly (README)
     num_heads: int = 6                  # attention heads of model_dim / num_heads dimensions (an even number)
     dc_window: int = 112                # tokens the last layer's dynamically composable attention looks back over
     bigram_vocab_size: int = 377280     # bigram hash embedding rows (50304 * 15 // 2); 0 = none
