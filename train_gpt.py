@@ -521,14 +521,14 @@ class GPT(nn.Module):
         z = F.linear(F.gelu(F.linear(x, self.mudd_w1[j])), self.mudd_w2[j, :n]) + self.mudd_b2[j, :n]
         return (z * 0.1).split(1, dim=-1)
 
-    def attention(self, x, i, r, mask, rotary, aux_v=None, xsa_alpha=None, gate=None, dc=None, docs=None):
+    def attention(self, x, i, r, mask, aux_v=None, xsa_alpha=None, gate=None, dc=None, docs=None):
         """Layer i (record layer r) attention on its normed input x [1, T, D]; the variants by r."""
         B, T, D = x.shape
         H, a = self.num_heads, self.attn_layers.index(r)
         sa = self.scalars[2 * i:2 * i + 2]
         w_qkv = torch.cat([self.qk_bank[a * H:(a + 1) * H].flatten(0, 1), self.vo_bank[2 * a]]).type_as(x)
         q, k, v = F.linear(x, sa[0] * w_qkv).view(B, T, 3 * H, D // H).chunk(3, dim=-2)
-        q, k, paired = norm(q), norm(k), r in PAIRED
+        q, k, paired, rotary = norm(q), norm(k), r in PAIRED, self.rotary
         q, k = rotary(q, paired), rotary(k, paired)
         if paired:  # one stream of 2T positions per pair of heads j and j + H/2: token t's heads at 2t and 2t + 1
             q, k, v = (t.reshape(B, 2 * T, H // 2, D // H) for t in (q, k, v))
@@ -584,7 +584,7 @@ class GPT(nn.Module):
                     gate_in = torch.cat([attn_in[..., :6], ve[r][None, :, :6]], dim=-1)
                     ve_gate = 2 * torch.sigmoid(F.linear(gate_in, self.ve_gate_bank[self.ve_layers.index(r)]))
                     aux_v = (ve_gate.unsqueeze(-1) * ve[r].view(1, -1, H, hd)).flatten(2)
-                y = self.attention(attn_in, i, r, masks[i], self.rotary, aux_v, g["xsa"].get(r), g["attn"].get(r),
+                y = self.attention(attn_in, i, r, masks[i], aux_v, g["xsa"].get(r), g["attn"].get(r),
                                    g["dc"] if last else None, docs)
                 if last: x = mu[8] * x + mu[9] * y + mu[10] * cache[0] + mu[11] * bigram
                 else:
@@ -609,9 +609,9 @@ class GPT(nn.Module):
     def layer_masks(self, inputs, windows, flex):
         """Each layer's attention mask (None: no attention) for the (short, long) windows; paired layers get the
         doubled stream's."""
-        kinds = [None if r in NO_ATTN else (int(r in LONG), r in PAIRED) for r in self.rec]
-        made = {paired: make_masks(inputs, windows, flex, paired) for paired in {k[1] for k in kinds if k}}
-        return [None if k is None else made[k[1]][k[0]] for k in kinds]
+        kinds = [None if r in NO_ATTN else (windows[r in LONG], r in PAIRED) for r in self.rec]
+        made = {k: make_masks(inputs, [k[0]], flex, k[1])[0] for k in set(kinds) - {None}}  # only the kinds in use
+        return [None if k is None else made[k] for k in kinds]
 
     def attention_flops(self, lengths, windows):
         """Forward + backward attention FLOPs of one step: 12 * width per visible (query, key) pair; paired layers
@@ -676,15 +676,15 @@ class NorMuon:
         lr = self.lr * lr_mult
         wd = self.lr * (lr_mult if wd_mult is None else wd_mult) * self.weight_decay
         world, r = self.comm.world, self.comm.rank
-        def padded(g, t):  # [n, rows, cols] -> [world * k, rows, cols]
-            t = t.view(g["n"], *t.shape[-2:])
-            return torch.cat([t, t.new_zeros(g["k"] * world - g["n"], *t.shape[1:])])
-        rs = [self.comm.reduce_scatter(padded(g, g["p"].grad)) for g in self.groups]
+        def padded(t, n):  # t as matrices [m, rows, cols], zero-padded to n of them (a copy only when m < n)
+            t = t.view(-1, *t.shape[-2:])
+            return t if t.size(0) == n else torch.cat([t, t.new_zeros(n - t.size(0), *t.shape[1:])])
+        rs = [self.comm.reduce_scatter(padded(g["p"].grad, g["k"] * world)) for g in self.groups]
         gathers = []
         for g, (grad, work) in zip(self.groups, rs):
             if work is not None: work.wait()
             k = g["k"]
-            P = padded(g, g["p"])[r * k:(r + 1) * k]
+            P = padded(g["p"].view(g["n"], *g["mom"].shape[1:])[r * k:(r + 1) * k], k)
             if self.wd_mode == "l2": grad = grad + wd * P
             g["mom"].lerp_(grad, 1 - momentum)
             U = grad.lerp(g["mom"], momentum)  # Nesterov

@@ -150,7 +150,7 @@ def test_paired_attention_against_per_stream_loop():
     aux_v = 0.5 * torch.randn(1, T, D)
     mask = tg.make_masks(tokens, [ws], flex=False, paired=True)[0]
     with torch.no_grad():
-        out = model.attention(x, 0, 0, mask, model.rotary, aux_v=aux_v)
+        out = model.attention(x, 0, 0, mask, aux_v=aux_v)
     # reference, fp64
     X, qk, vo = x[0].double(), model.qk_bank.detach().double(), model.vo_bank.detach().double()
     sa_qkv, sa_o = 0.7, 1.3
