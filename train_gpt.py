@@ -221,31 +221,45 @@ def polar_express(G: Tensor) -> Tensor:
     X = X.view(*G.shape[:-2], *X.shape[-2:])
     return X.mT if tall else X
 
+def scaled_mm(a: Tensor, b: Tensor, out_dtype, a_scale: float, b_scale: float, fast_accum=False) -> Tensor:
+    """torch._scaled_mm(a, b) (per-tensor scales) after the checks that cuBLASLt makes on Hopper and the CPU kernel
+    does not (torch's aten/src/ATen/native/cuda/Blas.cpp): a row-major, b column-major, not both e5m2, a's columns
+    and both of b's dimensions multiples of 16. A layout the GPU would reject fails here on a CPU too."""
+    problems = [(a.stride(1) == 1, f"the first operand must be row-major, its strides are {a.stride()}"),
+                (b.stride(0) == 1, f"the second operand must be column-major, its strides are {b.stride()}"),
+                (not a.dtype == b.dtype == torch.float8_e5m2, "e5m2 x e5m2 has no kernel"),
+                (a.size(1) % 16 == 0 and b.size(0) % 16 == 0 and b.size(1) % 16 == 0,
+                 f"{tuple(a.shape)} x {tuple(b.shape)}: dimensions must be multiples of 16")]
+    for ok, why in problems:
+        if not ok:
+            raise RuntimeError(f"scaled_mm: {why}")
+    scale = lambda v: torch.full((), v, dtype=torch.float32, device=a.device)  # a fill: no host copy, no sync
+    return torch._scaled_mm(a, b, out_dtype=out_dtype, scale_a=scale(a_scale), scale_b=scale(b_scale),
+                            use_fast_accum=fast_accum)
+
 @torch.library.custom_op("speedrun::fp8_mm", mutates_args=())
 def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x @ w.T with both operands in e4m3 (scaled by constants); also returns the FP8 operands for backward."""
+    """x @ w.T in bf16 with both operands in e4m3 (scaled by constants); also returns the FP8 operands for backward."""
     xf, wf = (x / x_s).to(torch.float8_e4m3fn), (w / w_s).to(torch.float8_e4m3fn)
-    scale = lambda v: x.new_tensor(v, dtype=torch.float32)
-    out = torch._scaled_mm(xf, wf.T, out_dtype=torch.bfloat16, use_fast_accum=True, scale_a=scale(x_s),
-                           scale_b=scale(w_s))
-    return out, xf, wf
+    return scaled_mm(xf, wf.T, torch.bfloat16, x_s, w_s, fast_accum=True), xf, wf
 
-@fp8_mm.register_fake
+@fp8_mm.register_fake  # Inductor asserts these sizes, strides and dtypes on the real outputs
 def _(x, w, x_s, w_s):
-    return x @ w.T, x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+    return (x.new_empty(x.size(0), w.size(0), dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.float8_e4m3fn),
+            torch.empty_like(w, dtype=torch.float8_e4m3fn))
 
 @torch.library.custom_op("speedrun::fp8_mm_backward", mutates_args=())
 def fp8_mm_backward(g: Tensor, xf: Tensor, wf: Tensor, x_s: float, w_s: float, g_s: float) -> tuple[Tensor, Tensor]:
+    """(g @ w, g.T @ x) with g in e5m2: grad_x bf16 [N, D], grad_w fp32 [V, D], both row-major as the fake says (a
+    transposed view of a [D, V] product would fail Inductor's stride assert in the first compiled backward)."""
     gf = (g / g_s).to(torch.float8_e5m2)
-    s = lambda v: g.new_tensor(v, dtype=torch.float32)
-    grad_x = torch._scaled_mm(gf, wf.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=s(g_s), scale_b=s(w_s))
-    grad_w = torch._scaled_mm(xf.T.contiguous(), gf.T.contiguous().T, out_dtype=torch.float32, scale_a=s(x_s),
-                              scale_b=s(g_s)).T
+    grad_x = scaled_mm(gf, wf.T.contiguous().T, torch.bfloat16, g_s, w_s)
+    grad_w = scaled_mm(gf.T.contiguous(), xf.T.contiguous().T, torch.float32, g_s, x_s)
     return grad_x, grad_w
 
 @fp8_mm_backward.register_fake
 def _(g, xf, wf, x_s, w_s, g_s):
-    return g.new_empty(g.size(0), wf.size(1)), g.new_empty(wf.shape, dtype=torch.float32)
+    return g.new_empty(g.size(0), wf.size(1), dtype=torch.bfloat16), g.new_empty(wf.shape, dtype=torch.float32)
 
 def _fp8_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
@@ -926,6 +940,18 @@ class Clock:
     def now(self):  # running, without a sync (the step lines)
         return self.ms + 1000 * (time.perf_counter() - self.t0)
 
+def use_flex(device, compiled):
+    """FlexAttention (BlockMasks) only when compiled on CUDA: eager flex_attention materializes the whole T x T score
+    matrix (about 58 GB a layer at 49,152 tokens), so --compile=0 takes the blockwise twin there too."""
+    return device.type == "cuda" and compiled
+
+def configure_allocator():
+    """PYTORCH_ALLOC_CONF=expandable_segments:True, as the record, unless the user configured the allocator: three
+    stage shapes fragment a plain cache (record #43 reserved 50.5 GB for 29.2 GB allocated). The CUDA caching
+    allocator reads it when CUDA initializes, so main() calls this before anything touches CUDA."""
+    if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 class Trainer:
@@ -939,7 +965,7 @@ class Trainer:
         self.model = GPT(h, max_len, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
         if world > 1:
             for t in [*self.model.parameters(), *self.model.buffers()]: dist.broadcast(t.data, 0)
-        self.flex = device.type == "cuda"
+        self.flex = use_flex(device, h.compile)
         self.fwd = torch.compile(self.model, dynamic=False, fullgraph=True) if h.compile else self.model
         m = self.model
         muon = [(m.qk_bank, [1.0] * len(m.qk_bank)), (m.vo_bank, [1.0] * len(m.vo_bank)),
@@ -1139,6 +1165,8 @@ def environment(h, world):
         lines.append("Running Triton version: not installed")
     try: lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
     except (OSError, subprocess.SubprocessError): lines.append("nvidia-smi: not available")
+    lines += [f"allocator: {k}={os.environ[k]}" for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+              if k in os.environ]
     lines += ["hyperparameters:"] + [f"  {k}={v!r}" for k, v in dataclasses.asdict(h).items()] + [f"world_size={world}"]
     return "\n".join(lines)
 
@@ -1263,6 +1291,7 @@ def save_checkpoint(obj, path):
 PROGRESS = dict(at="before training started", saved="nothing saved")  # for the one line that Ctrl-C prints
 
 def main(argv):
+    configure_allocator()
     h = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     validate(h, world)

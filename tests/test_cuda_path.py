@@ -1,0 +1,290 @@
+"""What a CPU can prove about train_gpt.py's CUDA path: the FP8 head's custom ops against their fakes (opcheck) and
+under Inductor, the cuBLASLt layout rules that CPU _scaled_mm does not enforce, the compiled training graph with real
+BlockMasks traced by dynamo + AOTAutograd against the blockwise twin, the graphs the record's schedule compiles, the
+eager fallback of --compile=0 and the allocator setting. Inductor's flex kernels and cuBLASLt run on a GPU only
+(tests/test_gpu.py, tests/gpu_check.sh)."""
+import inspect, os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.nn.attention.flex_attention as flex_module
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import train_gpt as tg
+
+HEAD_SCALES = (100 / 448, 1.6 / 448)  # the record's x and w scales of the FP8 head (CastedLinear)
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def fp8_inputs(n=64, d=128, v=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, d, generator=g) * 0.5).bfloat16()
+    w = (torch.randn(v, d, generator=g) * 0.02).bfloat16()
+    return x, w
+
+
+# ---------------------------------------------------------------------------------------------- FP8 custom ops
+
+# what passes on a CPU: the schema test and fp8_mm's AOT-dispatch test need arithmetic (mul, sum) on float8
+# tensors, which the CPU kernels do not have; the fake-tensor and autograd-registration tests pass for both ops
+@pytest.mark.parametrize("utils", [("test_faketensor", "test_autograd_registration")])
+def test_fp8_ops_pass_opcheck(utils):
+    x, w = fp8_inputs()
+    torch.library.opcheck(tg.fp8_mm, (x.requires_grad_(), w.requires_grad_(), *HEAD_SCALES), test_utils=utils)
+    _, xf, wf = tg.fp8_mm(x.detach(), w.detach(), *HEAD_SCALES)
+    g = (torch.randn(64, 256) * 0.01).bfloat16()
+    args = (g, xf, wf, *HEAD_SCALES, 0.75 / 448 / 8)
+    torch.library.opcheck(tg.fp8_mm_backward, args, test_utils=utils + ("test_aot_dispatch_dynamic",))
+
+
+def test_fp8_head_under_inductor_equals_eager_and_the_product():
+    """CastedLinear(fp8=True) forward and backward compiled by Inductor (the default backend): Inductor asserts each
+    custom op's fake sizes and strides on its real outputs, as it does on a GPU. Equal to the eager op (the same FP8
+    kernels) and to the fp32 product within FP8 noise."""
+    torch._dynamo.reset()
+    x, _ = fp8_inputs(n=64, d=128)
+    head = tg.CastedLinear(128, 256, fp8=True).bfloat16()
+    with torch.no_grad():
+        head.weight.normal_(0, 0.02)
+    grad_out = (torch.randn(64, 256) * 0.01).bfloat16()
+    results = []
+    for forward in (head, torch.compile(head, fullgraph=True, dynamic=False)):
+        x_leaf = x.clone().requires_grad_()
+        head.weight.grad = None
+        out = forward(x_leaf)
+        out.backward(grad_out)
+        results.append((out.float(), x_leaf.grad.float(), head.weight.grad.float()))
+    (out, dx, dw), (c_out, c_dx, c_dw) = results
+    assert rel(c_out, out) < 1e-3 and rel(c_dx, dx) < 1e-3 and rel(c_dw, dw) < 1e-3
+    xd, wd, gd = x.double(), head.weight.double(), grad_out.double()
+    assert rel(out, xd @ wd.T) < 0.08 and rel(dx, gd @ wd) < 0.12 and rel(dw, gd.T @ xd) < 0.12
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------- FP8 layouts
+
+def cublaslt_rejects(a, b):
+    """The rules of torch's CUDA _scaled_mm on Hopper, written out: a row-major, b column-major, not e5m2 twice,
+    a's columns and b's rows and columns multiples of 16."""
+    return (not a.is_contiguous() or not b.T.is_contiguous() or a.dtype == b.dtype == torch.float8_e5m2
+            or a.size(1) % 16 or b.size(0) % 16 or b.size(1) % 16)
+
+
+def test_scaled_mm_refuses_what_cublaslt_rejects_although_the_cpu_takes_it():
+    a = torch.randn(32, 64).to(torch.float8_e4m3fn)
+    b = torch.randn(48, 64).to(torch.float8_e4m3fn)
+    good = (a, b.T)
+    bad = {"row-major": (a.T.contiguous().T, b.T), "column-major": (a, b.T.contiguous()),
+           "e5m2 x e5m2": (a.to(torch.float8_e5m2), b.T.to(torch.float8_e5m2)),
+           "multiples of 16": (a[:, :40], b[:, :40].T)}
+    one = torch.tensor(1.0)
+    tg.scaled_mm(*good, torch.bfloat16, 1.0, 1.0)
+    for words, (x, y) in bad.items():
+        assert cublaslt_rejects(x, y)
+        torch._scaled_mm(x, y, out_dtype=torch.bfloat16, scale_a=one, scale_b=one)  # the CPU kernel takes it
+        with pytest.raises(RuntimeError, match=words):
+            tg.scaled_mm(x, y, torch.bfloat16, 1.0, 1.0)
+
+
+def test_every_fp8_product_of_the_head_has_a_layout_cublaslt_takes(monkeypatch):
+    """Each _scaled_mm that the head's forward and backward call, seen through a spy, comes through scaled_mm and obeys
+    the rules above."""
+    seen, real = [], torch._scaled_mm
+    def spy(a, b, **kwargs):
+        assert inspect.stack()[1].function == "scaled_mm"  # through the checks
+        seen.append((a.dtype, b.dtype, cublaslt_rejects(a, b), kwargs["scale_a"].dtype, kwargs["scale_b"].dtype))
+        return real(a, b, **kwargs)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    x, w = fp8_inputs()
+    out = tg.fp8_mm(x.requires_grad_(), w.requires_grad_(), *HEAD_SCALES)[0]
+    out.backward(torch.randn_like(out))
+    e4m3, e5m2, fp32 = torch.float8_e4m3fn, torch.float8_e5m2, torch.float32
+    assert seen == [(e4m3, e4m3, False, fp32, fp32), (e5m2, e4m3, False, fp32, fp32), (e5m2, e4m3, False, fp32, fp32)]
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_scaled_mm_makes_its_scales_on_the_device():
+    """No tensor made from host data (aten.lift_fresh): on CUDA that is a pageable host-to-device copy, which waits
+    for the GPU, three times a micro-step in the head. The scales are fills on the operands' device."""
+    a, b = torch.randn(32, 64).to(torch.float8_e4m3fn), torch.randn(48, 64).to(torch.float8_e4m3fn)
+    with OpNames() as ops:
+        tg.scaled_mm(a, b.T, torch.bfloat16, 0.5, 0.25)
+    assert ops.names.count("aten.full.default") == 2 and "aten._scaled_mm.default" in ops.names
+    assert not [name for name in ops.names if "lift_fresh" in name]
+
+
+# ---------------------------------------------------------------------------------------------- compiled graph
+
+# 5 layers: record layers 0, 2, 5 (paired heads: the doubled stream), 7 (XSA) and 10 (long window with the key
+# offset, the value embedding, MUDD and DC attention); slots of 8 blocks
+TRACE = ["--num_layers=5", "--model_dim=64", "--num_heads=2", "--bigram_vocab_size=1024", "--compile=0"]
+
+
+def noisy_model(h, seed):
+    """The model with every parameter moved off its init (zero inits would leave gradients zero)."""
+    torch.manual_seed(seed)
+    model = tg.GPT(h, 1024, torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.prefix_table.copy_(torch.arange(h.vocab_size) % 3 - 1)  # -1 (no prefix), 0 or 1
+    return model
+
+
+def batch(T, seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 1000, T + 1)
+    tokens[[0, 100, 333, 700, 701, 1000]] = tg.BOS  # boundaries inside and at the edge of blocks
+    tokens = torch.from_numpy(tokens)
+    bigram = torch.from_numpy(tg.bigram_index(tokens[:-1].numpy(), 1024))
+    return tokens[:-1].int(), tokens[1:], bigram
+
+
+@pytest.fixture
+def flex_backward_on_cpu():
+    """flex_attention refuses a CPU backward only through this Python device check: lift it, in the test only."""
+    with mock.patch.object(flex_module, "_validate_device", lambda *tensors: None), \
+            mock.patch.object(flex_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True):
+        yield
+
+
+def test_compiled_flex_training_graph_matches_the_blockwise_twin(flex_backward_on_cpu):
+    """The whole model with FlexAttention BlockMasks (short and long windows, the paired doubled stream, the key
+    offset) under torch.compile(fullgraph=True, backend="aot_eager"): dynamo and AOTAutograd build the joint graph
+    that Inductor gets on a GPU. Its MTP + prefix loss and every gradient, and its evaluation loss, equal the eager
+    model on the blockwise twin's masks."""
+    h = tg.parse_args(TRACE)
+    model = noisy_model(h, seed=1)
+    inputs, targets, bigram = batch(1024, seed=2)
+    windows, mtp, prefix = (2, 4), torch.tensor([1.0, 0.5, 0.25]), torch.tensor(0.3)
+    model.rotary.set_window(windows[1])
+    results = []
+    torch._dynamo.reset()
+    for flex in (False, True):
+        forward = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False) if flex else model
+        masks = model.layer_masks(inputs, windows, flex)
+        assert all(isinstance(m, torch.nn.attention.flex_attention.BlockMask) == flex for m in masks if m is not None)
+        model.zero_grad(set_to_none=True)
+        model.train()
+        loss, next_token = forward(inputs, targets, bigram, masks, mtp, prefix)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.eval()
+        with torch.no_grad():
+            val = forward(inputs, targets, bigram, masks, head_chunk=256)
+        results.append((loss, next_token, val, grads))
+    (loss, next_token, val, grads), (f_loss, f_next, f_val, f_grads) = results
+    assert f_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert f_next.item() == pytest.approx(next_token.item(), rel=1e-5)
+    assert f_val.item() == pytest.approx(val.item(), rel=1e-5)
+    for name, g in grads.items():
+        assert g.norm() > 0, name
+        assert rel(f_grads[name], g) < 1e-4, (name, rel(f_grads[name], g))
+    torch._dynamo.reset()
+
+
+class Recorder:
+    def __init__(self):
+        self.frames = 0
+
+    def __call__(self, gm, example_inputs):  # a dynamo backend that counts the graphs and runs them as traced
+        self.frames += 1
+        return gm.forward
+
+
+class FirstSlotLoader(tg.TrainLoader):
+    """TrainLoader with the first of each step's 8 micro-batches only: the graphs are the same, the test 8x cheaper."""
+    def next_step(self, batch_size, max_seq_len):
+        batches, lengths = super().next_step(batch_size, max_seq_len)
+        return batches[:1], lengths
+
+
+def test_record_schedule_compiles_its_graphs_in_the_warmup_and_never_again(gpt_files, flex_backward_on_cpu,
+                                                                           monkeypatch):
+    """The record's schedule (three stages and the extension: 1285 steps, windows (1, 3), (3, 7), (5, 11), (6, 13),
+    3, 2, 1, 1 predictions, a prefix loss in stages 1 and 2) on a tiny model with slots 1/64 of the record's, with
+    FlexAttention masks as on a GPU: kernel_warmup compiles the 4 training graphs (one per windows, slot length and
+    number of predictions) and Polar Express's 3 (one per bank shape); the timed steps that follow, at other MTP and
+    prefix weights, recompile nothing; validation adds one graph per window pair, (1, 3), (3, 7), (5, 11) and the final
+    (6, 20). Dynamo decides reuse from its guards before any backend sees a graph (dynamic=False: no symbolic shapes),
+    so these counts are Inductor's."""
+    h = tg.parse_args(gpt_files + ["--num_layers=3", "--model_dim=64", "--num_heads=4", "--bigram_vocab_size=1024",
+                                   "--train_batch_size=2048,4096,6144", "--val_seq_len=1024", "--val_tokens=1024"])
+    plans = tg.Schedule(h).plans
+    keys = {(p.windows, p.batch_size, len(p.mtp)) for p in plans[:h.num_iterations]}
+    assert keys == {((1, 3), 2048, 3), ((3, 7), 4096, 2), ((5, 11), 6144, 1), ((6, 13), 6144, 1)}
+    monkeypatch.setattr(tg, "TrainLoader", FirstSlotLoader)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
+    trainer.flex = True
+    trainer.model.prefix_table.copy_(torch.arange(h.vocab_size) - 1)
+    model_graphs, ortho_graphs = Recorder(), Recorder()
+    trainer.fwd = torch.compile(trainer.model, backend=model_graphs, dynamic=False, fullgraph=True)
+    trainer.muon.ortho = torch.compile(tg.polar_express, backend=ortho_graphs, dynamic=False, fullgraph=True)
+    trainer.kernel_warmup(4, lambda line: None)
+    assert (model_graphs.frames, ortho_graphs.frames) == (4, 3)
+    val = tg.load_val(h)
+    loader = FirstSlotLoader(h, 0, 1, torch.device("cpu"))
+    # as main() runs them: each validation at its place in the schedule (the YaRN state is the timed run's)
+    for step in (0, 1, 2, 424, 500, 848, 1000, 1271, 1285):
+        if step in (0, 500, 1000, 1285):
+            trainer.evaluate(step, val)
+        else:
+            trainer.train_step(step, loader)
+    assert (model_graphs.frames, ortho_graphs.frames) == (8, 3)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------- no compile, allocator
+
+def test_flex_only_when_compiled_on_cuda(monkeypatch):
+    """--compile=0 on CUDA takes the blockwise twin: eager flex_attention would materialize T x T scores."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert tg.use_flex(cuda, True) and not tg.use_flex(cuda, False) and not tg.use_flex(cpu, True)
+    monkeypatch.setattr(tg, "use_flex", lambda device, compiled: ("asked", device.type, compiled))
+    trainer = tg.Trainer(tg.parse_args(TRACE + ["--num_layers=2"]), 0, 1, cpu)
+    assert trainer.flex == ("asked", "cpu", False)
+
+
+class CudaAsked(Exception):
+    pass
+
+
+@pytest.mark.parametrize("user_setting", [None, ("PYTORCH_ALLOC_CONF", "max_split_size_mb:64"),
+                                          ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")])
+def test_expandable_segments_are_set_before_cuda_is_touched(gpt_files, monkeypatch, user_setting):
+    """main() sets PYTORCH_ALLOC_CONF=expandable_segments:True before its first CUDA call, unless the user set either
+    variable; the log's environment names the setting."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    if user_setting:
+        env[user_setting[0]] = user_setting[1]
+    monkeypatch.setattr(os, "environ", env)
+    seen = {}
+    def first_cuda_call():
+        seen.update({k: v for k, v in os.environ.items() if "ALLOC_CONF" in k})
+        raise CudaAsked
+    monkeypatch.setattr(torch.cuda, "is_available", first_cuda_call)
+    with pytest.raises(CudaAsked):
+        tg.main(gpt_files + TRACE + ["--prefix_weight=0", "--val_tokens=1024", "--val_seq_len=1024",
+                                     "--train_batch_size=4096", "--num_iterations=3", "--num_extension_iterations=1"])
+    assert seen == (dict([user_setting]) if user_setting else {"PYTORCH_ALLOC_CONF": "expandable_segments:True"})
+    text = tg.environment(tg.parse_args([]), 1)
+    for name, value in seen.items():
+        assert f"allocator: {name}={value}" in text
