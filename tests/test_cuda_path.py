@@ -195,7 +195,7 @@ def test_compiled_flex_training_graph_matches_the_blockwise_twin(flex_backward_o
     assert f_val.item() == pytest.approx(val.item(), rel=1e-5)
     for name, g in grads.items():
         assert g.norm() > 0, name
-        assert rel(f_grads[name], g) < 1e-4, (name, rel(f_grads[name], g))
+        assert rel(f_grads[name], g) < 2e-5, (name, rel(f_grads[name], g))  # fp32 sums in another order: 1.5e-6 seen
     torch._dynamo.reset()
 
 
