@@ -68,6 +68,8 @@ class Hyperparameters:
     adam_eps: float = 1e-10             # added to Adam's sqrt(v), outside the square root
     adam_weight_decay: float = 0.005    # Adam decay lambda_t = (adam_lr_t * lr_mul)^2 * this * ADAM_PARAMS' wd_mul
     kernel_warmup_steps: int = 30       # untimed steps that compile and warm kernels; state is restored after
+    val_fp32_softcap: bool = False      # validation softcap on fp32 logits; default: on the head's bf16 logits, then
+    #                                     fp32 for the cross-entropy, as the record (its 3.28 is measured so)
     compile: bool = True                # torch.compile the model and Polar Express
     seed: int = 0                       # initial weights
     run_id: str = ""                    # the log is logs/<run_id>.txt (a plain file name); default: a fresh uuid4
@@ -147,10 +149,14 @@ def lr_schedule(step, h, stage_lr=1.0):
     return stage_lr * m
 
 def muon_momentum(step, h):
-    warm = min(step / h.momentum_warmup_steps, 1) if h.momentum_warmup_steps > 0 else 1
-    start = h.num_iterations - h.momentum_cooldown_steps
-    cool = max(0, (step - start) / h.momentum_cooldown_steps) if h.momentum_cooldown_steps > 0 else 0
-    return h.momentum_min + (h.momentum - h.momentum_min) * (warm - cool)
+    """momentum_min -> momentum over the warmup, back to momentum_min over the last momentum_cooldown_steps; as the
+    record, the warmup takes precedence where the two overlap (a run shorter than both)."""
+    low, high, start = h.momentum_min, h.momentum, h.num_iterations - h.momentum_cooldown_steps
+    if step < h.momentum_warmup_steps:
+        return low + (high - low) * step / h.momentum_warmup_steps
+    if step > start:
+        return high - (high - low) * (step - start) / h.momentum_cooldown_steps
+    return high
 
 def stage_weights(spec, n, flag):
     """'1,0.5>1,0/1' -> per stage (start weights, end weights); one stage given = every stage."""
@@ -435,12 +441,16 @@ def training_loss(z, targets, mtp, prefix_targets, prefix, across_docs=True):
 
 def bigram_index(tokens, rows):
     """Bigram hash rows of a slot (numpy, host): ((36313 cur) ^ (27191 prev)) mod (rows - 1) in wrapping int32
-    arithmetic as the record; position 0, which has no previous token, gets the reserved last row."""
+    arithmetic as the record; position 0, which has no previous token, gets the reserved last row, and, as the record
+    (it writes that row into the token array first, then hashes each position from the array's previous entry),
+    position 1 is hashed with rows - 1 as its previous token."""
     t = np.asarray(tokens).astype(np.int32)
+    prev = t[:-1].copy()
+    prev[:1] = rows - 1
     out = np.empty(t.size, dtype=np.int32)
     out[0] = rows - 1
     with np.errstate(over="ignore"):
-        out[1:] = np.bitwise_xor(np.int32(36313) * t[1:], np.int32(27191) * t[:-1]) % np.int32(rows - 1)
+        out[1:] = np.bitwise_xor(np.int32(36313) * t[1:], np.int32(27191) * prev) % np.int32(rows - 1)
     return out
 
 # Record #89's 11 layers by index r: what each has. A model of L layers (2 to 11) keeps layers r = i * 10 // (L - 1)
@@ -459,7 +469,7 @@ class GPT(nn.Module):
         super().__init__()
         L, D, V, H = h.num_layers, h.model_dim, h.vocab_size, h.num_heads
         self.rec, self.num_heads, self.mtp_across_docs = record_layers(L), H, h.mtp_across_docs
-        self.dc_window = h.dc_window
+        self.dc_window, self.val_fp32_softcap = h.dc_window, h.val_fp32_softcap
         self.attn_layers = [r for r in self.rec if r not in NO_ATTN]  # the record layers with attention, in order
         self.ve_layers = [r for r in VE if r in self.rec]
         n_attn, n_ve, hd = len(self.attn_layers), len(self.ve_layers), D // H
@@ -615,8 +625,9 @@ class GPT(nn.Module):
             z = softcap(self.lm_head(x))
             return training_loss(z, targets, mtp, self.prefix_table[targets], prefix, self.mtp_across_docs)
         loss = x.new_zeros((), dtype=torch.float32)
-        for i in range(0, x.size(0), head_chunk):  # fp32 logits, a chunk at a time
-            logits = softcap(self.lm_head(x[i:i + head_chunk]).float())
+        for i in range(0, x.size(0), head_chunk):  # a chunk at a time; the cross-entropy in fp32
+            logits = self.lm_head(x[i:i + head_chunk])
+            logits = softcap(logits.float()) if self.val_fp32_softcap else softcap(logits).float()
             loss = loss + F.cross_entropy(logits, targets[i:i + head_chunk], reduction="sum")
         return loss
 
@@ -734,7 +745,8 @@ class DistAdam:
     shard, all-gather), a smaller one replicated (all-reduce, every rank updates all of it)."""
     def __init__(self, params, comm: Comm, lr, eps, weight_decay, wd_mode="cautious"):  # (p, betas, lr_mul, wd_mul)
         self.comm, self.lr, self.eps, self.weight_decay, self.wd_mode = comm, lr, eps, weight_decay, wd_mode
-        self.params, self.cfg, self.t = [p for p, *_ in params], [c for _, *c in params], 0
+        self.params, self.cfg = [p for p, *_ in params], [c for _, *c in params]
+        self.t = [0] * len(self.params)  # steps taken, per parameter (bias correction), as the record
         self.sharded = [p.dim() > 0 and p.size(0) % comm.world == 0 and comm.world > 1 for p in self.params]
         self.m = [torch.zeros(p.size(0) // comm.world, *p.shape[1:]) if sh else torch.zeros(p.shape)
                   for p, sh in zip(self.params, self.sharded)]
@@ -742,17 +754,19 @@ class DistAdam:
         self.v = [torch.zeros_like(m) for m in self.m]
 
     @torch.no_grad()
-    def step(self, lr_mult, wd_mult=None, skip=()):  # skip: parameters left alone this step (a tied embedding)
-        self.t += 1
-        todo = [i for i, p in enumerate(self.params) if all(p is not q for q in skip)]
-        rs = {i: (self.comm.reduce_scatter if self.sharded[i] else self.comm.all_reduce)(
-            torch.zeros_like(self.params[i]) if self.params[i].grad is None else self.params[i].grad)  # unused: 0
+    def step(self, lr_mult, wd_mult=None, skip=()):
+        """skip: parameters left alone this step (a tied embedding); so is one without a gradient (unused in this
+        model), as the record: no moment decay, no step counted."""
+        todo = [i for i, p in enumerate(self.params) if p.grad is not None and all(p is not q for q in skip)]
+        rs = {i: (self.comm.reduce_scatter if self.sharded[i] else self.comm.all_reduce)(self.params[i].grad)
               for i in todo}
         gathers = []
         for i in todo:
             g, work = rs[i]
             if work is not None: work.wait()
             p, m, v, ((b1, b2), lr_mul, wd_mul) = self.params[i], self.m[i], self.v[i], self.cfg[i]
+            self.t[i] += 1
+            t = self.t[i]
             lr = self.lr * lr_mul * lr_mult
             wd = (self.lr * lr_mul * (lr_mult if wd_mult is None else wd_mult)) ** 2 * self.weight_decay * wd_mul
             shard = p[self.comm.rank * m.size(0):(self.comm.rank + 1) * m.size(0)] if self.sharded[i] else p
@@ -760,17 +774,18 @@ class DistAdam:
             if self.wd_mode == "l2": g = g + wd * P
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            upd = m / (v.sqrt() + self.eps) * (lr * (1 - b2 ** self.t) ** 0.5 / (1 - b1 ** self.t))
+            upd = m / (v.sqrt() + self.eps) * (lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t))
             new = (P * (1 - decay_rate(upd, P, wd, self.wd_mode, strict=True)) - upd).to(p.dtype)
             if self.sharded[i]: gathers.append(self.comm.all_gather(p, new))
             else: p.copy_(new)
         for work in gathers:
             if work is not None: work.wait()
 
-    def copy_state(self, src, dst):  # the untie: dst continues with src's moments
+    def copy_state(self, src, dst):  # the untie: dst continues with src's moments and step count
         i, j = (next(k for k, p in enumerate(self.params) if p is q) for q in (src, dst))
         self.m[j].copy_(self.m[i])
         self.v[j].copy_(self.v[i])
+        self.t[j] = self.t[i]
 
     def state(self):
         return [dict(m=m, v=v) for m, v in zip(self.m, self.v)]
@@ -1122,7 +1137,7 @@ class Trainer:
             pending.append(g.cpu())
         adam = [{k: gather(v, sh) for k, v in s.items()} for s, sh in zip(self.adam.state(), self.adam.sharded)]
         return dict(model={k: v.cpu() for k, v in self.model.state_dict().items()}, muon=muon, adam=adam,
-                    adam_t=self.adam.t, adam_pending=pending, tied=self.tied,
+                    adam_t=list(self.adam.t), adam_pending=pending, tied=self.tied,
                     ema=None if self.ema is None else [t.cpu() for t in self.ema], snapshots=self.snapshots)
 
     def load_state_dict(self, sd):
@@ -1136,7 +1151,7 @@ class Trainer:
         for s, sharded, saved in zip(self.adam.state(), self.adam.sharded, sd["adam"]):
             for key, t in s.items():
                 t.copy_(saved[key][self.rank * t.size(0):(self.rank + 1) * t.size(0)] if sharded else saved[key])
-        self.adam.t = sd["adam_t"]
+        self.adam.t = list(sd["adam_t"])
         for p, g in zip(self.adam_params, sd["adam_pending"]):  # rank 0 holds the summed pending gradient
             p.grad = None if g is None else (g.to(p.device) if self.rank == 0 else torch.zeros_like(p))
         self.tied = sd["tied"]
@@ -1249,9 +1264,9 @@ def validate(h, world):
         if not ok: raise UserError(msg)
 
 # hyperparameters that may differ on --resume (logged): they do not change the training math
-RESUME_FREE = ("val_files", "val_tokens", "val_seq_len", "val_head_chunk", "val_loss_every", "kernel_warmup_steps",
-               "compile", "seed", "save_checkpoint", "checkpoint_every", "ema_decay", "ema_warmup", "average_last",
-               "repeat_data")
+RESUME_FREE = ("val_files", "val_tokens", "val_seq_len", "val_head_chunk", "val_fp32_softcap", "val_loss_every",
+               "kernel_warmup_steps", "compile", "seed", "save_checkpoint", "checkpoint_every", "ema_decay",
+               "ema_warmup", "average_last", "repeat_data")
 
 def load_checkpoint(h):
     """--resume: the saved state and the logged differences, after checking it against this run's hyperparameters."""
@@ -1262,8 +1277,11 @@ def load_checkpoint(h):
     except Exception as e:  # torch raises several types for a file that is not a whole checkpoint
         raise UserError(f"--resume={h.resume}: cannot be read as a checkpoint ({type(e).__name__}): truncated, or not "
                         "a state_step*.pt saved by train_gpt.py") from None
-    if not isinstance(sd, dict) or not {"model", "muon", "adam", "step", "tied", "hyperparameters"} <= sd.keys():
+    if not isinstance(sd, dict) or not {"model", "muon", "adam", "step", "hyperparameters"} <= sd.keys():
         raise UserError(f"--resume={h.resume}: not a checkpoint of train_gpt.py (no model and optimizer state in it)")
+    if "tied" not in sd or not isinstance(sd.get("adam_t"), list):  # before the tied head; one Adam step count
+        raise UserError(f"--resume={h.resume}: saved by an older version of train_gpt.py, whose state this version "
+                        "does not read: resume it with the version that saved it")
     saved, now = sd["hyperparameters"], dataclasses.asdict(h)
     # every field but this run's own file names (--resume, --run_id)
     differ = [k for k in now if k not in ("resume", "run_id") and saved.get(k, "(absent)") != now[k]]

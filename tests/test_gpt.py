@@ -135,6 +135,22 @@ def test_adam_step_against_reference():
 
 # ---------------------------------------------------------------------------------------------- schedules
 
+def momentum_reference(step, warmup, cooldown, total, low=0.85, high=0.95):
+    """The record's get_muon_momentum: the warmup branch first, then the cooldown (steps past total - cooldown)."""
+    if step < warmup:
+        return low + step / warmup * (high - low)
+    if step > total - cooldown:
+        return high - (step - (total - cooldown)) / cooldown * (high - low)
+    return high
+
+@pytest.mark.parametrize("total, warmup, cooldown", [(1285, 300, 50), (100, 300, 50), (40, 30, 20), (12, 0, 5),
+                                                     (12, 5, 0)])
+def test_momentum_follows_the_records_branches(total, warmup, cooldown):
+    h = tg.parse_args([f"--num_iterations={total}", f"--momentum_warmup_steps={warmup}",
+                       f"--momentum_cooldown_steps={cooldown}", "--num_extension_iterations=1"])
+    for step in range(total):
+        assert tg.muon_momentum(step, h) == pytest.approx(momentum_reference(step, warmup, cooldown, total)), step
+
 def test_momentum_and_lr_warmup_at_boundaries():
     h = tg.Hyperparameters()  # 1285 steps: momentum 0.85 -> 0.95 over 300 steps, back to 0.85 over the last 50
     mom = {0: 0.85, 150: 0.90, 300: 0.95, 1000: 0.95, 1235: 0.95, 1260: 0.90, 1284: 0.852}
@@ -552,9 +568,17 @@ def test_resume_refuses_what_does_not_match(full_run, monkeypatch):
     (d / "text.pt").write_text("not a checkpoint\n")
     (d / "cut.pt").write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 2])
     torch.save({"model": {}}, d / "other.pt")
+    older = torch.load(ckpt, weights_only=True)  # as the version before the tied head and per-parameter Adam steps
+    del older["tied"]
+    torch.save(older, d / "older_untied.pt")
+    older = torch.load(ckpt, weights_only=True)
+    older["adam_t"] = 3
+    torch.save(older, d / "older_adam.pt")
     cases = [(["--resume=text.pt"], "--resume=text.pt: cannot be read as a checkpoint"),
              (["--resume=cut.pt"], "--resume=cut.pt: cannot be read as a checkpoint"),
              (["--resume=other.pt"], "--resume=other.pt: not a checkpoint of train_gpt.py"),
+             (["--resume=older_untied.pt"], "--resume=older_untied.pt: saved by an older version of train_gpt.py"),
+             (["--resume=older_adam.pt"], "--resume=older_adam.pt: saved by an older version of train_gpt.py"),
              ([f"--resume={ckpt}", "--model_dim=128", "--num_heads=4"],
               "--model_dim=64 (now 128), --num_heads=2 (now 4)"),
              ([f"--resume={ckpt}", "--lr=0.05"], "--lr=0.023 (now 0.05)"),

@@ -550,7 +550,8 @@ def test_model_matches_a_twin_of_the_record_forward_loss_and_gradients():
     starts = [0, 170, 230]
     inputs = tokens_with_docs(T, starts, seed=9)
     targets = torch.from_numpy(np.random.default_rng(10).integers(0, 50257, T))
-    prev, cur = inputs[:-1].long(), inputs[1:].long()  # the record's bigram hash (no int32 wrap below 59137)
+    prev, cur = inputs[:-1].long().clone(), inputs[1:].long()  # the record's bigram hash (no int32 wrap below 59137)
+    prev[0] = 1023  # its reserved row is written into position 0 before position 1 is hashed from it
     bigram_idx = torch.cat([torch.tensor([1023]), torch.bitwise_xor(36313 * cur, 27191 * prev) % 1023])
     model.train()
     masks = model.layer_masks(inputs, (1, 3), flex=False)

@@ -103,6 +103,32 @@ def test_softcap_is_the_records_asymmetric_sigmoid():
     assert torch.allclose(tg.softcap(logits), expect, rtol=1e-12, atol=0)
     assert tg.softcap(torch.tensor(-5.0)) == 11.5 and 0 < tg.softcap(logits).min() < tg.softcap(logits).max() < 23
 
+@pytest.mark.parametrize("fp32_softcap", [False, True])
+def test_validation_softcap_on_bf16_logits_as_the_record(fp32_softcap):
+    """Evaluation of a bf16 model: by default the softcap runs on the head's bf16 logits and the cross-entropy on
+    their fp32 upcast, as the record's eval (23 * sigmoid((logits + 5) / 7.5), then .float()); --val_fp32_softcap=1
+    caps the fp32 upcast. Each against the head's own logits captured here, and the two differ."""
+    h = tg.parse_args(SMALL + [f"--val_fp32_softcap={int(fp32_softcap)}"])
+    torch.manual_seed(3)
+    model = tg.GPT(h, 256, torch.bfloat16).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)  # logits of a few units: the bf16 softcap rounds visibly
+    inputs = torch.from_numpy(np.random.default_rng(4).integers(0, 1000, 256)).int()
+    inputs[0] = BOS_ID
+    targets = torch.from_numpy(np.random.default_rng(5).integers(0, 1000, 256))
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
+    with torch.no_grad():
+        loss = model(inputs, targets, torch.from_numpy(tg.bigram_index(inputs.numpy(), 1024)),
+                     model.layer_masks(inputs, (1, 1), flex=False), head_chunk=100)
+    logits = torch.cat(seen)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (256, h.vocab_size)
+    capped = {False: (23 * torch.sigmoid((logits + 5) / 7.5)).float(),  # bf16 arithmetic, then fp32
+              True: 23 * torch.sigmoid((logits.float() + 5) / 7.5)}
+    ref = {k: torch.nn.functional.cross_entropy(v, targets, reduction="sum").item() for k, v in capped.items()}
+    assert loss.item() == pytest.approx(ref[fp32_softcap], rel=1e-6)
+    assert abs(ref[True] - ref[False]) > 1e-4 * abs(ref[True])
+
 def loss_reference(z, targets, mtp, prefix_targets, prefix, across_docs):
     """fp64, one position at a time: (weighted loss sum, next-token loss sum, gradient of the first in z)."""
     T = z.size(0)
@@ -198,11 +224,13 @@ def wrap_int32(x):
     return (x + 2 ** 31) % 2 ** 32 - 2 ** 31
 
 def bigram_reference(tokens, rows):
-    """The record's hash in int32: ((36313 cur) ^ (27191 prev)) mod (rows - 1), floored; position 0: rows - 1."""
-    out = [rows - 1]
-    for prev, cur in zip(tokens[:-1], tokens[1:]):
-        out.append((wrap_int32(36313 * cur) ^ wrap_int32(27191 * prev)) % (rows - 1))
-    return out
+    """The record's get_bigram_hash in int32, step by step: copy the tokens, write rows - 1 into position 0, then
+    hash every position t >= 1 from that array as ((36313 a[t]) ^ (27191 a[t-1])) mod (rows - 1), floored; so
+    position 1's previous token is rows - 1, not the real first token."""
+    a = list(tokens)
+    a[0] = rows - 1
+    return [rows - 1] + [(wrap_int32(36313 * a[t]) ^ wrap_int32(27191 * a[t - 1])) % (rows - 1)
+                         for t in range(1, len(a))]
 
 def test_bigram_index_against_int32_loop():
     rng = random.Random(5)
@@ -212,6 +240,8 @@ def test_bigram_index_against_int32_loop():
     assert any((wrap_int32(36313 * c) ^ wrap_int32(27191 * p)) < 0 for p, c in zip(tokens, tokens[1:]))
     for rows in (1024, 377280, 7):
         assert tg.bigram_index(np.array(tokens), rows).tolist() == bigram_reference(tokens, rows), rows
+        real_first = (wrap_int32(36313 * tokens[1]) ^ wrap_int32(27191 * tokens[0])) % (rows - 1)
+        assert bigram_reference(tokens, rows)[1] != real_first  # the rule is seen: token 0 = 0 would hash otherwise
 
 def test_loader_gives_each_slot_its_bigram_rows(gpt_files):
     h = tg.parse_args(gpt_files + SMALL)
@@ -295,6 +325,28 @@ def test_adam_cautious_decay_against_reference(mode):
     kept = math.prod(1 - lam for lam in decays) if mode == "decoupled" else 1.0
     assert torch.allclose(spared, starts[0][1, :4] * kept, rtol=1e-6, atol=0)
     if mode == "cautious": assert torch.equal(spared, starts[0][1, :4])  # bit for bit: upd * p = 0 is not > 0
+
+def test_adam_leaves_a_parameter_without_gradient_alone():
+    """As the record: a parameter whose gradient is None (unused by this model) gets no update, no moment decay and
+    no step count; the others go on as the reference, their bias correction counting their own steps."""
+    torch.manual_seed(8)
+    config = ((0.9, 0.99), 1.0, 1.0)
+    starts = [torch.randn(8, 4), torch.randn(6, 3)]
+    params = [torch.nn.Parameter(p.clone()) for p in starts]
+    opt = tg.DistAdam([(p, *config) for p in params], tg.Comm(0, 1), lr=0.01, eps=1e-10, weight_decay=0.0)
+    grads = [torch.randn(8, 4) for _ in range(3)]
+    params[1].grad = torch.randn(6, 3)
+    for t in range(3):  # parameter 1 has a gradient at the first step only
+        params[0].grad = grads[t].clone()
+        opt.step(1.0)
+        if t == 0:
+            after_first = (params[1].detach().clone(), opt.m[1].clone(), opt.v[1].clone())
+            params[1].grad = None
+    assert opt.t == [3, 1]
+    assert torch.equal(params[1].detach(), after_first[0]) and torch.equal(opt.m[1], after_first[1])
+    assert torch.equal(opt.v[1], after_first[2]) and opt.m[1].abs().sum() > 0
+    ref = adam_reference(starts[0], grads, [1.0] * 3, [1.0] * 3, (0.9, 0.99), 0.01, 1.0, 1e-10, 0.0, 1.0, "none")
+    assert rel(params[0].detach() - starts[0], ref - starts[0].double()) < 1e-5
 
 # ---------------------------------------------------------------------------------------------- tied head
 
@@ -438,7 +490,8 @@ def test_world_size_2_matches_world_size_1_across_stages_and_the_untie(staged_ru
                         *common, "--run_id=w2"], cwd=d, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_ckpt(d / "logs/full/state_step000006.pt"), load_ckpt(d / "logs/w2/state_step000006.pt")
-    assert a["loader"] == b["loader"] and a["adam_t"] == b["adam_t"] == 3  # Adam stepped at steps 1, 3 and 5
+    # Adam stepped at steps 1, 3 and 5; the embedding, skipped while tied, took the head's count at the untie (3)
+    assert a["loader"] == b["loader"] and a["adam_t"] == b["adam_t"] and set(a["adam_t"]) == {3}
     # 2e-7 when written (fp32 on CPU); bf16 Polar Express may amplify summation-order noise in the tiny gate matrices
     for k, v in a["model"].items(): assert rel(b["model"][k], v) < (0.3 if "gate" in k else 1e-3), k
     for sd in (a, b): assert (sd["model"]["embed.weight"] - sd["model"]["lm_head.weight"]).abs().max() > 1e-6
