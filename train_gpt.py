@@ -3,7 +3,7 @@
 # attention, 5 value embeddings, bigram hash embedding) and its training (1285 steps in three stages of 131k/262k/393k
 # tokens, multi-token and prefix-token losses, tied-then-untied head); see README.
 # Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py [--name=value ...]   (1, 2, 4 or 8 GPUs: same math)
-import contextlib, copy, dataclasses, glob, inspect, math, os, re, subprocess, sys, threading, time, uuid
+import contextlib, copy, dataclasses, glob, inspect, math, os, re, signal, subprocess, sys, threading, time, uuid
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -120,7 +120,10 @@ def parse_args(argv, cls=Hyperparameters):
             elif isinstance(default, tuple): val = tuple(type(default[0])(v) for v in val.split(","))
             else: val = type(default)(val)
         except ValueError:
-            raise UserError(f"--{name}={val}: expected {type(default).__name__} like {default!r}") from None
+            kind = type(default).__name__
+            if isinstance(default, tuple):
+                kind = f"comma-separated {type(default[0]).__name__}s"
+            raise UserError(f"--{name}={val}: expected {kind} like {flag_value(default)}") from None
         setattr(h, name, val)
     return h
 
@@ -165,8 +168,12 @@ def stage_weights(spec, n, flag):
         ends = part.split(">")
         try: start, end = ([float(v) for v in e.split(",")] for e in (ends[0], ends[-1]))
         except ValueError: start = end = []
-        if len(ends) > 2 or not start or len(start) != len(end) or not all(map(math.isfinite, start + end)):
+        if len(ends) > 2 or not start or len(start) != len(end):
             raise UserError(f"--{flag}={spec}: give per stage 'w1,w2,...' or 'start>end' lists, stages split by '/'")
+        if not all(map(math.isfinite, start + end)):
+            raise UserError(f"--{flag}={spec}: the weights must be finite numbers")
+        if min(start + end) < 0:
+            raise UserError(f"--{flag}={spec}: the weights must be >= 0 (a negative one ascends its loss)")
         stages.append((start, end))
     if len(stages) not in (1, n): raise UserError(f"--{flag}={spec}: {len(stages)} stages, the schedule has {n}")
     return stages * n if len(stages) == 1 else stages
@@ -878,7 +885,8 @@ class TrainLoader:
         for shards_tried in range(len(self.files) + 1):
             out = take_slots(self.tokens, self.bos, self.ptr, 8, slot_len, max_seq_len)
             if out is not None: break
-            if shards_tried == len(self.files): raise no_step_error(self.h, slot_len)  # each shard tried from its start
+            if shards_tried == len(self.files):  # each shard tried from its start
+                raise no_step_error(self.h, slot_len, max_seq_len)
             self._advance()
         slots, self.ptr = out
         batches, rows = [], self.h.bigram_vocab_size
@@ -908,16 +916,21 @@ def check_train_data(h, shapes, file_idx=0, ptr=0):
             found, p = found + 1, out[1]
         if found == len(shapes): return
     if h.repeat_data:
-        missing = [slot for (slot, _), ok in fits.items() if not ok]
-        if missing: raise no_step_error(h, missing[0])
+        missing = [shape for shape, ok in fits.items() if not ok]
+        if missing: raise no_step_error(h, *missing[0])
         return
+    if found == 0 and ptr == 0:  # no shard from the run's start holds its first step
+        raise no_step_error(h, *shapes[0])
     raise UserError(f"train files {h.train_files} hold {found} steps of BOS-aligned data from where the run starts, it "
                     f"needs {len(shapes)}: download more shards or pass --repeat_data=1")
 
-def no_step_error(h, slot_len):
+def no_step_error(h, slot_len, max_seq):
+    pieces = -(-(slot_len + 1) // max_seq)  # documents a slot needs at the least: one piece of <= max_seq tokens each
+    cause = ("use larger shards or a smaller --train_batch_size" if pieces == 1 else
+             f"pieces are at most --train_max_seq_len={max_seq} tokens, one a document, so a step needs at least "
+             f"{8 * pieces} documents: raise --train_max_seq_len, or use larger shards or a smaller --train_batch_size")
     return UserError(f"train files {h.train_files}: no shard holds one step of BOS-aligned data (8 slots of "
-                     f"{slot_len + 1} tokens from documents that start with token {BOS}): use larger "
-                     "shards or a smaller --train_batch_size")
+                     f"{slot_len + 1} tokens from documents that start with token {BOS}): {cause}")
 
 def load_val(h):
     tokens, need = [], h.val_tokens + 1
@@ -955,6 +968,22 @@ class Clock:
     def now(self):  # running, without a sync (the step lines)
         return self.ms + 1000 * (time.perf_counter() - self.t0)
 
+def compute_dtype(device):  # CPU: fp32 (bf16 matmuls are ~10x slower than fp32 there), otherwise the same code
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+def check_model_fits(h, device):
+    """Before the log: the weights alone (counted on the meta device, nothing allocated) must fit the device."""
+    with torch.device("meta"):
+        model = GPT(h, 1, compute_dtype(device))
+    need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UserError(f"cannot allocate the model: its weights need {need / 1e9:.1f} GB, {device} has "
+                        f"{have / 1e9:.1f} GB (lower --bigram_vocab_size, --vocab_size, --model_dim or --num_layers)")
+
 def use_flex(device, compiled):
     """FlexAttention (BlockMasks) only when compiled on CUDA: eager flex_attention materializes the whole T x T score
     matrix (about 58 GB a layer at 49,152 tokens), so --compile=0 takes the blockwise twin there too."""
@@ -976,8 +1005,7 @@ class Trainer:
         # rotary table: the longest training slot or validation slab
         max_len = max(max(h.train_batch_size) // 8, -(-min(h.val_seq_len, h.val_tokens) // BLOCK) * BLOCK)
         torch.manual_seed(h.seed)
-        # CPU: fp32 compute (bf16 matmuls are ~10x slower than fp32 there), otherwise the same code
-        self.model = GPT(h, max_len, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+        self.model = GPT(h, max_len, compute_dtype(device)).to(device)
         if world > 1:
             for t in [*self.model.parameters(), *self.model.buffers()]: dist.broadcast(t.data, 0)
         self.flex = use_flex(device, h.compile)
@@ -1230,8 +1258,12 @@ def validate(h, world):
                             f"({n} stages, as --ws_schedule)")
     if any(len(start) != 1 for start, _ in stage_weights(h.prefix_weight, n, "prefix_weight")):
         raise UserError(f"--prefix_weight={h.prefix_weight}: give one weight per stage ('w' or 'start>end')")
-    if any(not 0 < len(start) <= 8 for start, _ in stage_weights(h.mtp_weights, n, "mtp_weights")):
+    mtp = stage_weights(h.mtp_weights, n, "mtp_weights")
+    if any(not 0 < len(start) <= 8 for start, _ in mtp):
         raise UserError(f"--mtp_weights={h.mtp_weights}: give 1 to 8 weights per stage")
+    if not any(start[0] > 0 or end[0] > 0 for start, end in mtp):
+        raise UserError(f"--mtp_weights={h.mtp_weights}: the next-token (first) weight is 0 in every stage; "
+                        "nothing would learn to predict the next token")
     need_w = int(h.lr_schedule == "noam")
     if h.lr_schedule in ("warmup", "warmup_decay"): need_w = 2 if h.warmup_type == "log" else 1
     checks = [
@@ -1240,6 +1272,8 @@ def validate(h, world):
          f"--train_batch_size={flag_value(h.train_batch_size)}: use multiples of 1024"),
         (h.bigram_vocab_size == 0 or (h.bigram_vocab_size >= 2 and h.bigram_vocab_size % 8 == 0),
          f"--bigram_vocab_size={h.bigram_vocab_size}: use 0 (none) or a multiple of 8"),
+        (h.bigram_vocab_size <= 2 ** 31, f"--bigram_vocab_size={h.bigram_vocab_size}: at most 2^31 rows (the hash is "
+                                         "int32, as the record)"),
         (0 < S, "--num_extension_iterations must be smaller than --num_iterations"),
         (h.model_dim % h.num_heads == 0 and (h.model_dim // h.num_heads) % 4 == 0,
          "--model_dim must be --num_heads times a multiple of 4"),
@@ -1306,6 +1340,19 @@ def save_checkpoint(obj, path):
         raise UserError(f"{path}: cannot save the checkpoint ({getattr(e, 'strerror', None) or 'write failed'}; "
                         "is the disk full?)") from None
 
+def check_writable(folder):
+    """The checkpoint folder, made and written to once before training: a run never trains to its end and then finds
+    that it cannot save."""
+    probe = os.path.join(folder, ".write_check")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write checkpoints there ({e.strerror}); choose another --run_id or fix the "
+                        "folder") from None
+
 PROGRESS = dict(at="before training started", saved="nothing saved")  # for the one line that Ctrl-C prints
 
 def main(argv):
@@ -1327,12 +1374,15 @@ def main(argv):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    check_model_fits(h, device)
     if world > 1:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     master = rank == 0
     run_id = h.run_id or str(uuid.uuid4())
     logfile = f"logs/{run_id}.txt"
+    if master and h.save_checkpoint:
+        check_writable(f"logs/{run_id}")
     def write_log(text, mode="a"):  # rank 0 only
         try:
             with open(logfile, mode) as f: f.write(text)
@@ -1438,10 +1488,21 @@ def main(argv):
         dist.barrier()
         dist.destroy_process_group()
 
+class Terminated(Exception):  # SIGTERM, what torchrun and job schedulers send: ended like Ctrl-C
+    pass
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main(sys.argv[1:])
-    except (UserError, KeyboardInterrupt) as e:
-        why = f"interrupted {PROGRESS['at']}; {PROGRESS['saved']}" if isinstance(e, KeyboardInterrupt) else e
-        if int(os.environ.get("RANK", 0)) == 0: print(f"train_gpt.py: error: {why}", file=sys.stderr)
+    except (UserError, KeyboardInterrupt, Terminated) as e:
+        why = e
+        if not isinstance(e, UserError):
+            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            why = f"{how} {PROGRESS['at']}; {PROGRESS['saved']}"
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"train_gpt.py: error: {why}", file=sys.stderr)
         sys.exit(2)

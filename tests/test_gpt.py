@@ -428,6 +428,38 @@ def test_values_that_would_break_the_run_are_refused_first(tmp_path, gpt_files, 
     assert words in main_error(args, tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == []  # no log, nothing written anywhere below (or above) the working folder
 
+@pytest.mark.parametrize("flags, words", [
+    (["--mtp_weights=-1"], "--mtp_weights=-1: the weights must be >= 0"),
+    (["--mtp_weights=0"], "--mtp_weights=0: the next-token (first) weight is 0 in every stage"),
+    (["--mtp_weights=0,1/0,1>0,0.5/0"], "the next-token (first) weight is 0 in every stage"),
+    (["--prefix_weight=-0.25"], "--prefix_weight=-0.25: the weights must be >= 0"),
+    (["--mtp_weights=1,nan"], "--mtp_weights=1,nan: the weights must be finite numbers"),
+    (["--prefix_weight=0.25>inf"], "--prefix_weight=0.25>inf: the weights must be finite numbers"),
+    (["--bigram_vocab_size=4294967296"], "--bigram_vocab_size=4294967296: at most 2^31 rows (the hash is int32"),
+    (["--bigram_vocab_size=2000000000"], "cannot allocate the model: its weights need 512.0 GB, cpu has"),
+    (["--vocab_size=4000000000"], "cannot allocate the model: its weights need"),
+    (["--ws_schedule=(3, 7, 11)"], "--ws_schedule=(3, 7, 11): expected comma-separated ints like 3,7,11"),
+    (["--ws_schedule="], "--ws_schedule=: expected comma-separated ints like 3,7,11"),
+    (["--train_batch_size=1024,,2048"], "--train_batch_size=1024,,2048: expected comma-separated ints like 1024"),
+    (["--train_batch_size=1024.0"], "--train_batch_size=1024.0: expected comma-separated ints like 1024"),
+    (["--train_max_seq_len=1"], "pieces are at most --train_max_seq_len=1 tokens, one a document, so a step needs at "
+                                "least 1032 documents: raise --train_max_seq_len")])
+def test_inputs_that_once_went_wrong_stop_first_with_one_line(tmp_path, gpt_files, monkeypatch, flags, words):
+    msg = main_error(gpt_files + TINY + ["--num_iterations=4", "--num_extension_iterations=1"] + flags, tmp_path,
+                     monkeypatch)
+    assert words in msg and "\n" not in msg, msg
+    assert not os.path.exists(tmp_path / "logs")
+
+def test_a_checkpoint_folder_that_cannot_be_written_stops_before_training(tmp_path, gpt_files, monkeypatch):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "ro").write_text("a file where the checkpoint folder goes\n")  # root writes read-only dirs
+    msg = main_error(gpt_files + TINY + ["--num_iterations=4", "--num_extension_iterations=1", "--save_checkpoint=1",
+                                         "--run_id=ro"], tmp_path, monkeypatch)
+    assert msg.startswith("logs/ro: cannot write checkpoints there (File exists)"), msg
+    assert sorted(os.listdir(tmp_path / "logs")) == ["ro"]  # no log
+    r = run_cli(gpt_files + TINY + ["--train_batch_size=1024.0"], tmp_path)  # as a racer sees one of them
+    assert "expected comma-separated ints" in one_line_error(r)
+
 def test_loader_that_can_make_no_progress_says_so(tmp_path, gpt_files):
     write_shard(tmp_path / "nobos_000001.bin", np.arange(5000) % 500)  # no document start anywhere
     args = TINY + [f"--train_files={tmp_path}/nobos_*.bin", gpt_files[1], "--repeat_data=1", "--num_iterations=4",
@@ -489,7 +521,9 @@ def test_a_checkpoint_save_that_fails_leaves_no_partial_file(tmp_path, gpt_files
     assert "logs/ck/state_step000001.pt: cannot save the checkpoint" in one_line_error(r)
     assert os.listdir(tmp_path / "logs/ck") == []  # neither the final name nor a temporary file
 
-def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_checkpoint(tmp_path, gpt_files):
+@pytest.mark.parametrize("signal_name, words", [("SIGINT", "interrupted"), ("SIGTERM", "terminated (SIGTERM)")])
+def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_checkpoint(tmp_path, gpt_files, signal_name, words):
+    """Ctrl-C, and SIGTERM as torchrun and job schedulers send it, end the run alike."""
     import signal
     args = ["--num_iterations=60", "--num_extension_iterations=1", "--save_checkpoint=1", "--checkpoint_every=2",
             "--run_id=int"]
@@ -499,11 +533,11 @@ def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_checkpoint(tmp_path, 
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:  # wait for the third step, after the checkpoint of step 2
         if line.startswith("step:3/60"): break
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, signal_name))
     out, err = p.communicate(timeout=120)
     lines = err.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
-    step = int(re.search(r"interrupted at step (\d+) of 60; ", lines[0])[1])
+    step = int(re.search(rf"{re.escape(words)} at step (\d+) of 60; ", lines[0])[1])
     saved = max(s for s in range(0, step + 1, 2) if s)  # the last checkpoint step at or before the interruption
     assert f"last checkpoint logs/int/state_step{saved:06d}.pt (continue with --resume=" in lines[0], lines[0]
     assert os.path.exists(tmp_path / f"logs/int/state_step{saved:06d}.pt")
