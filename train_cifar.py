@@ -9,11 +9,13 @@ per run, and a summary line. Runs on CUDA (fp16, channels_last, compiled) and on
 import hashlib
 import http.client
 import importlib.metadata
+import inspect
 import itertools
 import math
 import os
 import pickle
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -41,38 +43,38 @@ class Hyperparameters:
     compile: int = 1                 # torch.compile the nets and Newton-Schulz (0: eager)
     # data and augmentation
     epochs: float = 8.0              # steps = ceil(epochs * (n_train // batch_size)); batches may span epochs
-    batch_size: int = 2000
+    batch_size: int = 2000           # images a step
     translate: int = 2               # random crop of images reflect-padded by this many pixels
     cutout: int = 0                  # side of a randomly placed zeroed square (0: none)
     tta_level: int = 2               # 0: plain, 1: + mirror, 2: + mirrored 1 px diagonal shifts (6 views)
     # network
-    widths: tuple = (64, 256, 256)
+    widths: tuple = (64, 256, 256)   # channels of the three conv blocks
     depth: int = 2                   # convs per block; 3 adds a residual around the last two
     bn_momentum: float = 0.4         # PyTorch convention: running = (1 - m) * running + m * batch
     logit_scale: float = 0.0         # logits = head(features) * this; 0: 1 / widths[-1], as airbench94_muon
     head_unit_std: int = 1           # rescale the head's initial weight to unit std
     whiten_images: int = 5000        # the whitening conv's statistics come from this many first training images
-    whiten_eps: float = 5e-4
+    whiten_eps: float = 5e-4         # added to the patch covariance's eigenvalues before the inverse root
     whiten_bias_epochs: float = 3.0  # the whitening conv's bias trains this long, then is frozen
     zero_whiten_bias: int = 0        # 1: that bias starts at 0 (96), else at nn.Conv2d's default random init
     # optimization (the loss is summed over the batch)
-    label_smoothing: float = 0.2
+    label_smoothing: float = 0.2     # weight of the uniform distribution in the cross-entropy targets
     momentum: float = 0.85           # Nesterov SGD (94: biases and head; 96 and the proxy: everything)
     warmup: float = 0.0              # fraction of steps warming the lr up from 0.2x; then linear decay to 0
     muon_lr: float = 0.24            # (94) Muon for the 3x3 conv filters
-    muon_momentum: float = 0.6       # (94)
+    muon_momentum: float = 0.6       # (94) Muon's Nesterov momentum
     ns_steps: int = 3                # (94) Newton-Schulz iterations
     bias_lr: float = 0.053           # (94) whitening and BatchNorm biases
-    head_lr: float = 0.67            # (94)
+    head_lr: float = 0.67            # (94) SGD lr of the linear head
     wd_per_example: float = 2e-6     # (94) SGD weight_decay = wd_per_example * batch_size / lr
     lr: float = 9.0                  # (96, proxy) SGD lr per 1024 examples, divided by 1 + 1 / (1 - momentum)
     weight_decay: float = 0.012      # (96, proxy) per 1024 examples, likewise
     bias_scaler: float = 64.0        # (96, proxy) lr multiplier of the BatchNorm biases
     lookahead_every: int = 0         # every k steps: ema = lerp(ema, net, 1 - decay^k * (step/steps)^3); net = ema
-    lookahead_decay: float = 0.95
+    lookahead_decay: float = 0.95    # the lookahead EMA's decay a step
     select: float = 1.0              # train on the fraction of each batch a proxy net finds hardest (1: no proxy)
-    proxy_widths: tuple = (32, 64, 64)
-    proxy_depth: int = 2
+    proxy_widths: tuple = (32, 64, 64)  # channels of the proxy net that picks the hardest examples
+    proxy_depth: int = 2             # convs per block of the proxy net
     proxy_every: int = 4             # the proxy takes an SGD step every this many steps
 
 
@@ -172,7 +174,27 @@ def prepare_cifar10(data_dir, url=CIFAR_URL, md5=CIFAR_MD5):
     cache = {split: os.path.join(data_dir, f"{split}.npz") for split in SPLITS}
     if all(map(os.path.isfile, cache.values())):
         return cache
-    os.makedirs(data_dir, exist_ok=True)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        fail(f"--data_dir={data_dir} is a file, not a folder: name a folder for the cache")
+    made = []  # the folders made here: removed again, if empty, when the cache cannot be made
+    parent = os.path.abspath(data_dir)
+    while not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"--data_dir={data_dir}: cannot make the folder ({e.strerror})")
+    try:
+        return build_cache(data_dir, cache, url, md5)
+    except SystemExit:
+        for folder in made:  # innermost first
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        raise
+
+
+def build_cache(data_dir, cache, url, md5):
     folder, tarball = os.path.join(data_dir, FOLDER), os.path.join(data_dir, TARBALL)
     if not os.path.isdir(folder):
         if not os.path.exists(tarball):
@@ -554,9 +576,18 @@ def usage():
              "Every field of Hyperparameters (see its comments); defaults are the 94% record, [96: ...] what",
              "--variant=96 sets instead. Explicit values win over the variant's. --logit_scale=0: 1 / the last",
              "width, as airbench94_muon (1/256 at its --widths=64,256,256), so it follows --widths."]
+    meaning = {}  # each field's comment in the source (its continuation lines, if any, are plain comments)
+    for line in inspect.getsource(Hyperparameters).splitlines():
+        field = re.match(r" +(\w+): \w+ = .*?# (.*)$", line)
+        if field:
+            meaning[field[1]] = field[2]
+    flags = {}
     for f in fields(Hyperparameters):
-        extra = f"  [96: {fmt(VARIANT_96[f.name])}]" if f.name in VARIANT_96 else ""
-        lines.append(f"  --{f.name:<20} {fmt(f.default)}{extra}")
+        flags[f.name] = f"--{f.name}={fmt(f.default)}"
+        if f.name in VARIANT_96:
+            flags[f.name] += f" [96: {fmt(VARIANT_96[f.name])}]"
+    width = max(map(len, flags.values()))
+    lines += [f"  {flag:<{width}}  {meaning[name]}" for name, flag in flags.items()]
     return "\n".join(lines)
 
 

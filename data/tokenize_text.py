@@ -81,8 +81,8 @@ def _encode(item):
 def tokenize(inputs, out_dir, enc, prefix="text", shard_size=10**8, val_tokens=10_485_761, workers=1, txt_docs="file"):
     """Tokenize `inputs` (files and folders) with the tiktoken Encoding `enc` into shards in `out_dir`.
     Returns the paths written. Raises TokenizeError on bad input, leaving no shard behind."""
-    if not 1 <= shard_size < 2**31 or val_tokens < 0 or workers < 1:
-        raise TokenizeError("need 1 <= --shard_size < 2**31, --val_tokens >= 0 and --workers >= 1")
+    if not 1 <= shard_size < 2**31 or val_tokens < 1 or workers < 1:  # a corpus without a val shard cannot be trained
+        raise TokenizeError("need 1 <= --shard_size < 2**31, --val_tokens >= 1 and --workers >= 1")
     if "<|endoftext|>" not in enc.special_tokens_set:
         raise TokenizeError(f"encoding {enc.name} has no <|endoftext|> token to start documents with")
     docs = documents(find_files(inputs), txt_docs)

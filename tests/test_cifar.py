@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -243,8 +244,9 @@ def test_command_line(capsys):
         tc.parse_args(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for name in tc.Hyperparameters.__dataclass_fields__:
-        assert re.search(rf"--{name}\s+\S", text), name
+    for f in fields(tc.Hyperparameters):  # each field with its default and a meaning of a few words
+        line = re.search(rf"^  --{f.name}=(\S+)(?: \[96: \S+\])?  +(.+)$", text, re.M)
+        assert line and line[1] == tc.fmt(f.default) and len(line[2].split()) >= 3, f.name
 
 
 # Out-of-range values, each chosen for what it breaks (torch's own rules, a division by zero, a reflect pad wider than
@@ -409,15 +411,25 @@ def test_download_with_bad_md5_keeps_nothing(tmp_path, server, monkeypatch):
     assert result.returncode != 0
     assert "MD5" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert os.listdir(d) == []
+    assert not d.exists()  # nothing kept, not even the folder it made
 
 
 def test_no_network_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     with pytest.raises(SystemExit) as e:
-        downloader().main([f"--data_dir={tmp_path / 'd'}", "--url=http://127.0.0.1:9/none.tar.gz"])
+        downloader().main([f"--data_dir={tmp_path / 'd' / 'e'}", "--url=http://127.0.0.1:9/none.tar.gz"])
     assert "could not download" in str(e.value) and "cifar-10-python.tar.gz" in str(e.value)
-    assert os.listdir(tmp_path / "d") == []
+    assert os.listdir(tmp_path) == []  # the folders it made for the cache are gone again
+
+
+@pytest.mark.parametrize("script", ["train_cifar.py", "data/cifar10.py"])
+def test_data_dir_that_is_a_file_is_one_line(tmp_path, script):
+    (tmp_path / "afile").write_text("not a folder\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), f"--data_dir={tmp_path / 'afile'}"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"--data_dir={tmp_path / 'afile'} is a file, not a folder" in lines[0]
 
 
 def member(name, kind=tarfile.REGTYPE, target=""):

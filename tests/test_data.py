@@ -264,9 +264,11 @@ def test_same_output_for_any_worker_count_and_the_cli(corpus, enc, plugin_dir, t
 def test_text_file_split_into_documents(enc, tmp_path, mode, sep):
     docs = [d.replace("\n", " ").strip() for d in make_docs(12, 1)]
     (tmp_path / "in.txt").write_text(sep.join(docs), encoding="utf-8")
-    tokenize_text.tokenize([str(tmp_path / "in.txt")], str(tmp_path / "out"), enc, val_tokens=0, txt_docs=mode)
-    assert os.listdir(tmp_path / "out") == ["text_train_000001.bin"]  # no val shard asked for
-    assert split_docs(read_shard(tmp_path / "out" / "text_train_000001.bin"), enc) == docs
+    tokenize_text.tokenize([str(tmp_path / "in.txt")], str(tmp_path / "out"), enc, val_tokens=1, txt_docs=mode)
+    assert sorted(os.listdir(tmp_path / "out")) == ["text_train_000001.bin", "text_val_000000.bin"]
+    val, train = (split_docs(read_shard(tmp_path / "out" / f"text_{name}.bin"), enc)
+                  for name in ("val_000000", "train_000001"))
+    assert val == docs[:1] and train == docs[1:]  # the first whole document holds the one val token asked for
 
 def test_token_id_that_does_not_fit_uint16(plugin_dir, tmp_path):
     plugin = runpy.run_path(str(plugin_dir / "tiktoken_ext" / "speedrun_tiny_test.py"))
@@ -285,7 +287,8 @@ def test_cli_bad_input_is_one_line(corpus, plugin_dir, tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "text_train_000007.bin").write_bytes(b"")
     cases = [([str(tmp_path / "nope.txt")], "nope.txt"),
-             ([str(tmp_path / "bad.jsonl"), "--val_tokens", "0"], "bad.jsonl:2"),
+             ([str(tmp_path / "bad.jsonl"), "--val_tokens", "1"], "bad.jsonl:2"),
+             ([str(folder), "--val_tokens", "0"], "--val_tokens >= 1"),
              ([str(folder), "--val_tokens", "100000"], "--val_tokens"),
              ([str(folder), "--out", str(tmp_path / "old")], "text_*.bin"),
              ([str(folder), "--shard_size", "0"], "--shard_size"),
