@@ -490,13 +490,25 @@ def test_world_size_2_matches_world_size_1_across_stages_and_the_untie(staged_ru
                         *common, "--run_id=w2"], cwd=d, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_ckpt(d / "logs/full/state_step000006.pt"), load_ckpt(d / "logs/w2/state_step000006.pt")
-    # Adam stepped at steps 1, 3 and 5; the embedding, skipped while tied, took the head's count at the untie (3)
-    assert a["loader"] == b["loader"] and a["adam_t"] == b["adam_t"] and set(a["adam_t"]) == {3}
-    # 2e-7 when written (fp32 on CPU); bf16 Polar Express may amplify summation-order noise in the tiny gate matrices
-    for k, v in a["model"].items(): assert rel(b["model"][k], v) < (0.3 if "gate" in k else 1e-3), k
+    # Adam stepped at steps 1, 3 and 5; the embedding, skipped while tied, took the head's count at the untie (3); the
+    # VE gates have no gradient at 4 layers (the only VE layer is the last, which MUDD gates): never stepped
+    names = {id(p): n for n, p in staged_run[2].model.named_parameters()}
+    adam_names = [names[id(p)] for p in staged_run[2].adam_params]
+    expect = [0 if name == "ve_gate_bank" else 3 for name in adam_names]
+    assert a["loader"] == b["loader"] and a["adam_t"] == b["adam_t"] == expect
+    # fp32 on CPU: the two worlds sum gradients in another order (about 1e-6 after the first Adam step); NorMuon's
+    # banks pass through Polar Express in bf16, where such noise flips roundings (2^-8 each): up to 2.1e-3 seen on the
+    # banks after 6 steps, 2.4e-4 on the weights they feed, and more in the tiny gate matrices. A missing reduction
+    # or a wrong shard is off by O(1).
+    for k, v in a["model"].items():
+        assert rel(b["model"][k], v) < (0.3 if "gate" in k else 1e-2 if "bank" in k else 1e-3), k
     for sd in (a, b): assert (sd["model"]["embed.weight"] - sd["model"]["lm_head.weight"]).abs().max() > 1e-6
-    for i, (sa, sb) in enumerate(zip(a["adam"], b["adam"])):  # the sharded moments, gathered; the untied embedding's
-        for key in ("m", "v"): assert rel(sb[key], sa[key]) < 1e-3 if sa[key].norm() > 0 else sb[key].norm() == 0, i
+    # the sharded moments, gathered (the untied embedding's too); their gradients carry the banks' rounding noise
+    # (up to 3.1e-3 seen outside the gates)
+    for name, sa, sb in zip(adam_names, a["adam"], b["adam"]):
+        for key in ("m", "v"):
+            bound = 0.3 if "gate" in name else 1e-2
+            assert rel(sb[key], sa[key]) < bound if sa[key].norm() > 0 else sb[key].norm() == 0, (name, key)
     va, vb = parse_log(d / "logs/full.txt")[2], parse_log(d / "logs/w2.txt")[2]
     assert [step for step, _ in va] == [step for step, _ in vb] == [6] and abs(va[0][1] - vb[0][1]) < 1e-3, (va, vb)
 
