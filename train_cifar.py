@@ -195,6 +195,7 @@ def prepare_cifar10(data_dir, url=CIFAR_URL, md5=CIFAR_MD5):
 
 
 def build_cache(data_dir, cache, url, md5):
+    """The cache files from FOLDER in data_dir, extracted first from TARBALL (downloaded if absent)."""
     folder, tarball = os.path.join(data_dir, FOLDER), os.path.join(data_dir, TARBALL)
     if not os.path.isdir(folder):
         if not os.path.exists(tarball):
