@@ -133,7 +133,7 @@ def parse_args(argv, cls=Hyperparameters):
 LR_SCHEDULES = ("wsd", "cosine", "noam", "warmup", "warmup_decay", "constant")
 
 def lr_schedule(step, h, stage_lr=1.0):
-    """Multiplier of every group's base lr (formulas.md §6): S scheduled steps, W warmup steps, floor f; stage_lr is
+    """Multiplier of every group's base lr: S scheduled steps, W warmup steps, floor f; stage_lr is
     the step's stage multiplier."""
     S = h.num_iterations - h.num_extension_iterations
     s, W, f = step, h.warmup_steps, h.min_lr_frac
@@ -379,7 +379,7 @@ def make_masks(inputs: Tensor, windows, flex: bool, paired=False):
     return masks
 
 def attend(q, k, v, mask, scale):  # [B, T, H, D] in and out
-    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # contiguous: see DESIGN.md (compiled flex)
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # compiled flex on strided q/k was seen wrong
     if isinstance(mask, BlockMask): return flex_attention(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
     # portable twin, memory linear in T: each query block sees the window's key blocks (at most window + 1) densely
     T, mask_mod, out = q.size(2), doc_causal_window(mask.docs, mask.window * BLOCK), []
@@ -681,7 +681,7 @@ class Comm:
         return dist.all_gather_into_tensor(out, shard.contiguous(), async_op=True)
 
 def decay_rate(u, p, wd, mode, strict=False):
-    """Weight decay of each entry of p, whose update u gets subtracted (formulas.md §4): cautious = wd only where u
+    """Weight decay of each entry of p, whose update u gets subtracted: cautious = wd only where u
     already shrinks |p| (u * p >= 0; > 0 when strict, as the record's Adam), decoupled = wd everywhere, l2 (its
     wd * p joined the gradient) and none = 0."""
     if mode == "cautious" and wd != 0: return wd * ((u * p > 0) if strict else (u * p >= 0))

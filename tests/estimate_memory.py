@@ -31,8 +31,8 @@ from unittest import mock
 
 import torch
 
-# shared/reference/modded_nanogpt.md §1.0: record #43, peak allocated per GPU (8xH100), of its step of 262,144 tokens
-# (32,768 a GPU); record #89's memory is not in the reference
+# modded-nanogpt record #43's published log: peak allocated per GPU (8xH100), of its step of 262,144 tokens
+# (32,768 a GPU); record #89's memory is not published
 REFERENCE_PEAK_MIB = 29248
 REFERENCE_RESERVED_MIB = 50528
 WORLD = 8
@@ -241,7 +241,7 @@ def report(result):
     reference = REFERENCE_PEAK_MIB * 2**20
     lines += [f"main()'s kernel warmup also holds a deepcopy of the weights and the optimizer state: "
               f"+{warmup_copy / GB:.2f} GB during the warmup steps",
-              f"reference (shared/reference/modded_nanogpt.md): record #43's step of 32,768 tokens a GPU (a smaller "
+              f"reference (modded-nanogpt record #43's log): record #43's step of 32,768 tokens a GPU (a smaller "
               f"one, without a bigram table), compiled, 8xH100: peak allocated {REFERENCE_PEAK_MIB:,} MiB = "
               f"{reference / GB:.1f} GB, reserved {REFERENCE_RESERVED_MIB:,} MiB per GPU; this estimate is "
               f"{peak['Total'] / reference:.2f} x that peak allocated; record #89's memory is not published there",

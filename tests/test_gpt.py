@@ -9,7 +9,7 @@ from tests.gptdata import learnable_docs, write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt.py")
-# Polar Express coefficients as published in shared/reference/formulas.md §2
+# Polar Express coefficients as published (Amsel et al., "The Polar Express", 2025)
 PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
       (4.042929935166739, -2.808917465908714, 0.5000178451051316),
       (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -52,7 +52,7 @@ def test_polar_express_against_svd(shape):
     V, _ = torch.linalg.qr(torch.randn(n, min(m, n), dtype=torch.float64))
     G = U @ torch.diag(torch.linspace(0.01, 1, min(m, n), dtype=torch.float64)) @ V.T
     sv = torch.linalg.svdvals(tg.polar_express(G).double())
-    assert sv.min() > 0.8 and sv.max() < 1.2  # formulas.md: [1e-3, 1] maps into [0.847, 1.141]
+    assert sv.min() > 0.8 and sv.max() < 1.2  # the quintics map [1e-3, 1] into [0.847, 1.141]
     assert rel(tg.polar_express(G), U @ V.T) < 0.15
 
 def normuon_reference(p, g, mom, v, lr, wd, mu, beta2, lr_muls, ortho):
@@ -251,7 +251,7 @@ def test_flex_forward_matches_dense_twin_eager_and_compiled():
     T, H, D = 1024, 2, 32
     tokens = random_stream(T, 7)
     base = torch.randn(1, T, 3 * H, D)
-    q, k, v = (base * 1.5).chunk(3, dim=-2)  # pointwise op then chunk: non-contiguous inputs, the DESIGN.md pitfall
+    q, k, v = (base * 1.5).chunk(3, dim=-2)  # pointwise op then chunk: non-contiguous inputs (see attend())
     flex = tg.make_masks(tokens, [2, 5], flex=True)
     dense = [brute_mask(tokens, 2 * 128), brute_mask(tokens, 5 * 128)]
     with torch.no_grad():

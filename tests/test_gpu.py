@@ -91,7 +91,7 @@ def test_compiled_flex_matches_the_portable_twin_and_a_dense_reference(kind):
     # flex: bf16 inputs, fp32 accumulation; its bf16 rounding of the probabilities before P @ V and of its output
     # add at most about 2 * 2^-9 of max |v| to an output (max |out| is about max |v|: each document's first query sees
     # only itself), so 2^-6 leaves a 4x margin; the gradients also round dS (and the row sums dO . O from the bf16
-    # output) to bf16, and 2^-5 leaves a similar margin. The compiled-flex layout bug of DESIGN.md was off by O(1).
+    # output) to bf16, and 2^-5 leaves a similar margin. Strided q/k into compiled flex were off by O(1).
     assert rel_max(outs["flex"], outs["twin"]) < 2 ** -6, kind
     for name, got, want in zip("qkv", grads["flex"], grads["twin"]):
         assert rel_max(got, want) < 2 ** -5, (kind, f"d{name}")

@@ -38,7 +38,7 @@ def flat_state(sd):
 
 # ---------------------------------------------------------------------------------------------- schedule
 
-# record #89 (shared/reference/modded_nanogpt.md §2.1, TRAINING_STAGES of the record script)
+# record #89 (TRAINING_STAGES of the record's train_gpt.py)
 REC_SCHEDULED, REC_EXTENSION = 1270, 15
 REC_STARTS = [0, 423, 847, 1270]  # round(k * 1270 / 3)
 
