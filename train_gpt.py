@@ -238,14 +238,15 @@ def scaled_mm(a: Tensor, b: Tensor, out_dtype, a_scale: float, b_scale: float, f
     """torch._scaled_mm(a, b) (per-tensor scales) after the checks that cuBLASLt makes on Hopper and the CPU kernel
     does not (torch's aten/src/ATen/native/cuda/Blas.cpp): a row-major, b column-major, not both e5m2, a's columns
     and both of b's dimensions multiples of 16. A layout the GPU would reject fails here on a CPU too."""
-    problems = [(a.stride(1) == 1, f"the first operand must be row-major, its strides are {a.stride()}"),
-                (b.stride(0) == 1, f"the second operand must be column-major, its strides are {b.stride()}"),
+    problems = [(a.stride(1) == 1, "the first operand must be row-major"),  # plain strings: nothing formatted per call
+                (b.stride(0) == 1, "the second operand must be column-major"),
                 (not a.dtype == b.dtype == torch.float8_e5m2, "e5m2 x e5m2 has no kernel"),
                 (a.size(1) % 16 == 0 and b.size(0) % 16 == 0 and b.size(1) % 16 == 0,
-                 f"{tuple(a.shape)} x {tuple(b.shape)}: dimensions must be multiples of 16")]
+                 "dimensions must be multiples of 16")]
     for ok, why in problems:
         if not ok:
-            raise RuntimeError(f"scaled_mm: {why}")
+            raise RuntimeError(f"scaled_mm: {why} ({tuple(a.shape)} strides {a.stride()} {a.dtype} x {tuple(b.shape)} "
+                               f"strides {b.stride()} {b.dtype})")
     scale = lambda v: torch.full((), v, dtype=torch.float32, device=a.device)  # a fill: no host copy, no sync
     return torch._scaled_mm(a, b, out_dtype=out_dtype, scale_a=scale(a_scale), scale_b=scale(b_scale),
                             use_fast_accum=fast_accum)
@@ -917,7 +918,8 @@ def check_train_data(h, shapes, file_idx=0, ptr=0):
         if found == len(shapes): return
     if h.repeat_data:
         missing = [shape for shape, ok in fits.items() if not ok]
-        if missing: raise no_step_error(h, *missing[0])
+        if missing:
+            raise no_step_error(h, *missing[0])
         return
     if found == 0 and ptr == 0:  # no shard from the run's start holds its first step
         raise no_step_error(h, *shapes[0])
