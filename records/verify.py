@@ -172,8 +172,15 @@ def read_folder(folder):
     return logs
 
 
+MIN_RUNS = 3  # fewer leave a t-test with one degree of freedom at most: p < 0.01 then says little about the next run
+
+
 def std(values):
     return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def shown(number, spec):  # one run has no std and no t-test: 'n/a', not 'nan'
+    return "n/a" if math.isnan(number) else format(number, spec)
 
 
 def quiet(test, *args, **kwargs):  # scipy warns (and gives nan) on fewer than 2 samples or zero variance
@@ -209,6 +216,14 @@ class Record:
                 self.copies.append(f"{log.name} = {seen[log.body]}")
             seen.setdefault(log.body, log.name)
         self.hardware = sorted({log.hardware for log in self.logs})
+        self.degenerate = None  # why the t-test says nothing, if it does not
+        if len(self.values) < MIN_RUNS:
+            runs = f"{len(self.values)} run{'s' * (len(self.values) != 1)}"
+            self.degenerate = f"{runs}: a record needs {MIN_RUNS} or more"
+        elif std(self.values) == 0:
+            self.degenerate = (f"every run has {self.metric} {self.values[0]:.4f}: a zero spread makes the t-test "
+                               "meaningless (p is 0 or nan); runs that agree to the last digit logged are copies or "
+                               "the same seed: rerun with other seeds")
 
     @property
     def same_code(self):
@@ -216,7 +231,7 @@ class Record:
 
     @property
     def ok(self):
-        return self.same_code and not self.config_diff and not self.copies and self.p < 0.01
+        return self.same_code and not self.config_diff and not self.copies and not self.degenerate and self.p < 0.01
 
 
 def load(folder, track=None, target=None):
@@ -249,10 +264,12 @@ def markdown(r, prev=None):
     lines += [f"| `{label}` | {value:.4f} | {seconds:.3f} |" for label, value, seconds in r.samples]
     side = "below" if r.side == "less" else "above"
     lines += ["",
-              f"- **{r.metric}**: mean {statistics.mean(r.values):.4f}, std {std(r.values):.4f} over "
-              f"{len(r.values)} runs; one-sided one-sample t-test that the mean is {side} {r.target:g}: p = {r.p:.4g} "
-              f"({'meets' if r.p < 0.01 else 'does NOT meet'} p < 0.01)",
-              f"- **time**: mean {statistics.mean(r.times):.3f} s, std {std(r.times):.3f} s",
+              f"- **{r.metric}**: mean {statistics.mean(r.values):.4f}, std {shown(std(r.values), '.4f')} over "
+              f"{len(r.values)} runs; one-sided one-sample t-test that the mean is {side} {r.target:g}: "
+              f"p = {shown(r.p, '.4g')} ("
+              + (f"NOT a record: {r.degenerate}" if r.degenerate else
+                 f"{'meets' if r.p < 0.01 else 'does NOT meet'} p < 0.01") + ")",
+              f"- **time**: mean {statistics.mean(r.times):.3f} s, std {shown(std(r.times), '.3f')} s",
               "- **code**: " + (f"identical in the {len(r.logs)} log{'s' * (len(r.logs) > 1)} (sha256 {r.code_hash})"
                                  if r.same_code else f"DIFFERS: {', '.join(r.other_code)} against the other logs"),
               f"- **hardware**: {'; '.join(r.hardware)}"]
@@ -266,15 +283,16 @@ def markdown(r, prev=None):
                      f"{statistics.mean(old.values):.4f}): time {statistics.mean(old.times):.3f} s -> "
                      f"{statistics.mean(r.times):.3f} s, difference {diff:+.3f} s "
                      f"({100 * diff / statistics.mean(old.times):+.2f}%); Welch's t-test, one-sided (new faster): "
-                     f"p = {p:.4g}")
+                     f"p = {shown(p, '.4g')}")
         if old.hardware != r.hardware:
             lines.append(f"- **warning**: the previous record's logs come from other hardware "
                          f"({'; '.join(old.hardware)}): time both on the same machine")
     summary = (f"summary runs:{len(r.values)} metric:{r.metric} mean:{statistics.mean(r.values):.4f} "
-               f"std:{std(r.values):.4f} p:{r.p:.4g} time_mean:{statistics.mean(r.times):.3f}s "
-               f"time_std:{std(r.times):.3f}s same_code:{'yes' if r.same_code else 'no'}")
+               f"std:{shown(std(r.values), '.4f')} p:{shown(r.p, '.4g')} time_mean:{statistics.mean(r.times):.3f}s "
+               f"time_std:{shown(std(r.times), '.3f')}{'s' * (len(r.times) > 1)} "
+               f"same_code:{'yes' if r.same_code else 'no'}")
     if prev:
-        summary += f" time_diff:{prev[1][0]:+.3f}s time_p:{prev[1][1]:.4g}"
+        summary += f" time_diff:{prev[1][0]:+.3f}s time_p:{shown(prev[1][1], '.4g')}"
     return "\n".join(lines + ["", summary])
 
 
@@ -292,8 +310,8 @@ def table(records_dir):
             if not r.same_code or r.config_diff or r.copies:
                 raise BadInput(f"{folder}: fails verification: run python records/verify.py {folder}")
             rows.append(f"| {len(rows) + 1} | {m[1]} | [{m[2]}]({track}/{m[0]}/) | {statistics.mean(r.times):.3f} ± "
-                        f"{std(r.times):.3f} s | {statistics.mean(r.values):.4f} (p={r.p:.2g}) | {len(r.values)} | "
-                        f"{'; '.join(r.hardware)} |")
+                        f"{shown(std(r.times), '.3f')} s | {statistics.mean(r.values):.4f} (p={shown(r.p, '.2g')}) | "
+                        f"{len(r.values)} | {'; '.join(r.hardware)} |")
         out += ["", f"**{track}** ({metric} {'<=' if side == 'less' else '>='} {target:g}, {hardware})", ""]
         out += ([f"| # | date | record | time (mean ± std) | {metric} (mean, p) | runs | hardware |",
                  "|---|---|---|---|---|---|---|"] + rows) if rows else ["No records yet."]

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDS = os.path.join(ROOT, "records")
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), RECORDS]
 import gptdata  # noqa: E402
+import plot  # noqa: E402
 import verify  # noqa: E402
 
 STEPS = 4  # validation at steps 0, 2 and 4
@@ -307,3 +309,49 @@ def test_plot_goes_beside_the_logs_by_default(logs, tmp_path):
         with open(os.path.join(beside, "plot.png"), "rb") as f:
             assert f.read().startswith(b"\x89PNG\r\n\x1a\n")
         assert os.listdir(elsewhere) == []
+
+
+def test_one_run_or_a_zero_spread_is_not_a_record(logs, tmp_path, capsys):
+    """One run has no std and no t-test (n/a, not nan); runs with one accuracy have a zero spread, where scipy's p is 0
+    whatever the mean: neither is a record, however far past the target."""
+    code, out, _ = run_verify(capsys, folder(tmp_path, "one", logs["gpt"][:1]), "--target=100")
+    s = summary(out)
+    assert code == 1 and (s["runs"], s["std"], s["p"], s["time_std"]) == ("1", "n/a", "n/a", "n/a"), out
+    assert "nan" not in out and "NOT a record: 1 run: a record needs 3 or more" in out
+    code, out, _ = run_verify(capsys, folder(tmp_path, "two", logs["gpt"][:2]), "--target=100")
+    assert code == 1 and "NOT a record: 2 runs" in out and summary(out)["time_std"] != "n/a"
+    same = folder(tmp_path, "same", [logs["cifar"]], edit=lambda t: re.sub(r"^(run:\d+ acc:)\S+", r"\g<1>0.5000", t,
+                                                                        flags=re.M))
+    with warnings.catch_warnings():  # scipy warns of the zero spread, then answers p = 0
+        warnings.simplefilter("ignore")
+        assert stats.ttest_1samp([0.5] * 3, 0.1, alternative="greater").pvalue == 0  # what a bare t-test would say
+    code, out, _ = run_verify(capsys, same, "--target=0.1")
+    assert code == 1 and "zero spread" in out and summary(out)["std"] == "0.0000", out
+
+
+def drawn_figure(monkeypatch, *args):
+    """The figure plot.py would save, for a look at what is on it."""
+    import matplotlib.figure
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    assert plot.main([str(a) for a in args]) == 0
+    return figures[0]
+
+
+def test_plot_starts_at_step_0_fits_the_data_and_labels_the_target(logs, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    losses = [float(v) for log in logs["gpt"] for v in re.findall(r"^step:\d+/\d+ val_loss:(\S+)", read(log), re.M)]
+    assert min(losses) > 3.28 * 1.5  # a CPU curve far above the target
+    steps_axis, time_axis = drawn_figure(monkeypatch, *logs["gpt"], "--out", tmp_path / "x.png").axes
+    for line, log in zip(steps_axis.get_lines(), logs["gpt"]):  # every validation, step 0 first
+        assert line.get_xdata()[0] == 0
+        assert list(line.get_ydata()) == [float(v) for v in re.findall(r"^step:\d+/\d+ val_loss:(\S+)", read(log), re.M)]
+    low, high = steps_axis.get_ylim()
+    assert min(losses) - 0.1 * (max(losses) - min(losses)) < low < min(losses) < max(losses) < high
+    assert all(float(t).is_integer() for t in steps_axis.get_xticks())
+    assert "outside" in steps_axis.get_title() and len(steps_axis.get_lines()) == 3  # no target line stretches it
+    steps_axis, time_axis = drawn_figure(monkeypatch, *logs["gpt"], "--ylim", 2, 12, "--out", tmp_path / "x.png").axes
+    assert steps_axis.get_ylim() == (2, 12) and steps_axis.get_title() == ""
+    targets = [line for line in steps_axis.get_lines() if line.get_label() == "target 3.28"]
+    assert len(targets) == 1 and list(targets[0].get_ydata()) == [3.28, 3.28]
+    assert "target 3.28" in [t.get_text() for t in steps_axis.get_legend().get_texts()]

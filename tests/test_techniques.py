@@ -1,11 +1,14 @@
 """train_gpt.py technique switches (issue 6): LR schedule family, weight-decay modes, weight EMA, checkpoint averaging,
 weight norms. Each against formulas or a slow reference written here; tiny real runs on CPU."""
 import math
+import os
 import pytest
 import torch
 
 import train_gpt as tg
 from tests.test_gpt import parse_log, rel, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # narrower than test_gpt's TINY (the 50304-wide head dominates a CPU step); no prefix loss (tiktoken is offline here)
 SMALL = ["--prefix_weight=0", "--bigram_vocab_size=1024", "--num_layers=4", "--model_dim=16", "--num_heads=2",
@@ -243,11 +246,10 @@ def same_bits(a, b):
     return (a.dtype == b.dtype and a.shape == b.shape
             and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))  # 0-d too
 
-def group_of(name):  # the wnorm groups, by hand: the banks of attention and MLP matrices, the tables, the head
-    if name in ("qk_bank", "vo_bank"): return "attn"
-    if name == "mlp_bank": return "mlp"
-    if name in ("embed.weight", "value_embeds", "bigram_embed.weight"): return "embed"
-    return "head" if name == "lm_head.weight" else "scalars"  # lambdas, gates, MUDD weights
+def group_of(name):  # the wnorm groups, by hand: the banks of attention and MLP matrices, each table, the head
+    tables = {"qk_bank": "attn", "vo_bank": "attn", "mlp_bank": "mlp", "embed.weight": "embed",
+              "value_embeds": "value_embed", "bigram_embed.weight": "bigram", "lm_head.weight": "head"}
+    return tables.get(name, "scalars")  # lambdas, gates, MUDD weights
 
 def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
     args = gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1", "--val_loss_every=2",
@@ -260,7 +262,7 @@ def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
     lines = [l for l in body.splitlines() if " val_loss:" in l and l.startswith("step:")]
     fields = [dict(kv.split(":", 1) for kv in l.split()[1:]) for l in lines]
     assert [l.split()[0] for l in lines] == ["step:0/4", "step:2/4", "step:4/4"]
-    groups = ["attn", "mlp", "embed", "head", "scalars"]
+    groups = ["attn", "mlp", "embed", "value_embed", "bigram", "head", "scalars"]
     for f in fields:  # extra fields come after the standard ones (train_loss: from the second validation on)
         first = ["val_loss", "train_time", "step_avg"] + ([] if f is fields[0] else ["train_loss"]) + ["ema_val_loss"]
         assert list(f)[:len(first)] == first
@@ -296,6 +298,20 @@ def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
     sq = {g: sum(float((w[4][n] ** 2).sum()) for n in names if group_of(n) == g) for g in groups}
     assert float(fields[-1]["wnorm"]) == pytest.approx(math.sqrt(sum(sq.values())), abs=6e-3)
     for g in groups: assert float(fields[-1][f"wnorm_{g}"]) == pytest.approx(math.sqrt(sq[g]), abs=6e-3), g
+
+def test_readme_snapshot_memory_is_the_record_models():
+    """The README's --average_last figure, from the record model's parameters counted on the meta device."""
+    with torch.device("meta"):
+        model = tg.GPT(tg.Hyperparameters(), 1, torch.bfloat16)
+    counts = {dtype: sum(p.numel() for p in model.parameters() if p.dtype == dtype)
+              for dtype in (torch.bfloat16, torch.float32)}
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())  # no third dtype
+    snapshot = 2 * counts[torch.bfloat16] + 4 * counts[torch.float32]
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    assert (f"record model's {sum(counts.values()) / 1e6:.1f} M parameters are {counts[torch.bfloat16] / 1e6:.1f} M in "
+            f"bf16 (2 bytes) and the {counts[torch.float32] / 1e6:.1f} M of the fp32 NorMuon banks (4 bytes), "
+            f"{2 * counts[torch.bfloat16] / 1e9:.2f} + {4 * counts[torch.float32] / 1e9:.2f} = {snapshot / 1e9:.2f} GB, "
+            f"so 8 snapshots take about {8 * snapshot / 1e9:.1f} GB") in readme
 
 @pytest.mark.parametrize("mode", ["l2", "none"])  # cautious and decoupled run in the tests above
 def test_every_decay_mode_runs(tmp_path, gpt_files, mode, monkeypatch):
