@@ -3,7 +3,7 @@
 # attention, 5 value embeddings, bigram hash embedding) and its training (1285 steps in three stages of 131k/262k/393k
 # tokens, multi-token and prefix-token losses, tied-then-untied head); see README.
 # Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py [--name=value ...]   (1, 2, 4 or 8 GPUs: same math)
-import contextlib, copy, dataclasses, glob, inspect, math, os, re, signal, subprocess, sys, threading, time, uuid
+import contextlib, copy, dataclasses, glob, inspect, math, os, re, shlex, signal, subprocess, sys, threading, time, uuid
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -1213,7 +1213,9 @@ def environment(h, world):
     except (OSError, subprocess.SubprocessError): lines.append("nvidia-smi: not available")
     lines += [f"allocator: {k}={os.environ[k]}" for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
               if k in os.environ]
-    lines += ["hyperparameters:"] + [f"  {k}={v!r}" for k, v in dataclasses.asdict(h).items()] + [f"world_size={world}"]
+    # as the flags that reproduce the run, quoted for a shell where needed ('*' of --train_files), to paste back
+    lines += ["hyperparameters:"] + [f"  --{k}={shlex.quote(flag_value(v))}" for k, v in dataclasses.asdict(h).items()]
+    lines.append(f"world_size={world}")
     return "\n".join(lines)
 
 def prefix_vocab(h):

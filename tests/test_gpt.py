@@ -397,6 +397,20 @@ def test_cli_help_and_parsing():
     for bad in (["--lr=x"], ["--compile=2"], ["--nope=1"], ["--num_layers"], ["positional"]):
         with pytest.raises(tg.UserError): tg.parse_args(bad)
 
+def test_the_logged_configuration_pastes_back_as_flags():
+    """The log's hyperparameters block is the flags of the run: a shell reads each line back (quotes and all) and the
+    parser gives the same hyperparameters, for a tuple, a bool, a float, a glob and a string with a space."""
+    h = tg.parse_args(["--train_batch_size=1024,2048", "--compile=0", "--lr=0.0125", "--train_files=my data/*.bin",
+                       "--run_id=a b", "--resume="])
+    block = tg.environment(h, 2).split("hyperparameters:\n", 1)[1].splitlines()
+    flags = [line for line in block if line.startswith("  --")]
+    assert len(flags) == len(dataclasses.fields(tg.Hyperparameters)) and block[len(flags)] == "world_size=2"
+    assert "  --train_batch_size=1024,2048" in flags and "  --train_files='my data/*.bin'" in flags
+    # bash reads the pasted lines as words (printf prints one a line; no word here holds a newline)
+    words = subprocess.run(["bash", "-c", "printf '%s\\n' " + " ".join(flags)], capture_output=True, text=True,
+                           cwd=ROOT).stdout.splitlines()
+    assert tg.parse_args(words) == h
+
 def test_import_does_nothing(tmp_path):
     r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import train_gpt"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -159,7 +159,7 @@ def test_other_hyperparameters_or_a_copied_log_refused(logs, tmp_path, capsys):
     passing = f"--target={float(np.mean(losses) + 10 * np.std(losses, ddof=1))!r}"
     d = folder(tmp_path, "hyper", logs["gpt"])
     with open(os.path.join(d, "seed2.txt"), "w") as f:
-        f.write(re.sub(r"^  model_dim=64$", "  model_dim=128", read(logs["gpt"][1]), flags=re.M))
+        f.write(re.sub(r"^  --model_dim=64$", "  --model_dim=128", read(logs["gpt"][1]), flags=re.M))
     code, out, _ = run_verify(capsys, d, passing)
     assert code == 1 and summary(out)["same_code"] == "yes" and re.search(r"model_dim.*seed2\.txt: 128", out)
 
