@@ -669,7 +669,7 @@ def test_tiny_run_learns_and_logs(tmp_path, gpt_files):
     assert r.returncode == 0, r.stderr
     code, env, vals, steps, summary = parse_log(tmp_path / "logs/tiny.txt")
     assert code == open(SCRIPT).read() + "\n"
-    assert "Running PyTorch" in env and "  num_iterations=20" in env and "world_size=1" in env
+    assert "Running PyTorch" in env and "  --num_iterations=20" in env and "world_size=1" in env
     assert [s for s, _ in vals] == [0, 10, 20] and [int(s) for s, _ in steps] == list(range(1, 21))
     assert vals[0][1] == pytest.approx(math.log(50304), abs=1e-3)  # head N(0, 0.005): near uniform prediction
     assert vals[-1][1] < 0.65 * vals[0][1], vals  # 6.70 of 10.83 when written (the full recipe: tests/test_stages.py)
