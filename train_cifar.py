@@ -41,6 +41,7 @@ class Hyperparameters:
     seed: int = 0                    # run i (0 = the warmup) starts from torch.manual_seed(1000 * seed + i)
     data_dir: str = "data/cifar10"   # the cache {train,test}.npz; made from a tarball or folder here, else downloaded
     compile: int = 1                 # torch.compile the nets and Newton-Schulz (0: eager)
+    run_id: str = ""                 # the log is logs/<run_id>.txt (a plain file name); default: a fresh uuid4
     # data and augmentation
     epochs: float = 8.0              # steps = ceil(epochs * (n_train // batch_size)); batches may span epochs
     batch_size: int = 2000           # images a step
@@ -501,10 +502,12 @@ def select_hardest(proxy, optimizers, x, y, step, cfg):
     return idx
 
 
-def train_run(cfg, model, proxy, data, run, log, orthogonalize=newton_schulz):
+def train_run(cfg, model, proxy, data, run, log, orthogonalize=newton_schulz, progress=False):
     """Run `run` (0: the warmup, on random labels) from a fresh init; returns (TTA test accuracy, seconds). The clock
     covers the whitening init, the training steps with their data work and the proxy, and the final TTA evaluation;
-    not the per-epoch evaluation, where a non-finite training loss stops the script."""
+    not the per-epoch evaluation, where a non-finite training loss stops the script. progress: print the whitening and
+    steps 1, 2, 4, 8, ... of the first epoch to the console (not the log), so a slow first run shows life at once;
+    the step count needs no host sync."""
     torch.manual_seed(1000 * cfg.seed + run)
     train_x, train_y, test_x, test_y = data
     train_y = torch.randint_like(train_y, 10) if run == 0 else train_y
@@ -524,6 +527,9 @@ def train_run(cfg, model, proxy, data, run, log, orthogonalize=newton_schulz):
     for net in [model] if proxy is None else [model, proxy]:
         net.whiten.weight.data.copy_(filters)
     timer.stop()
+    if progress:
+        print(f"run:{run} whitening from {min(cfg.whiten_images, len(train_x))} images: {timer.total:.1f}s; "
+              f"{total_steps} steps of {cfg.batch_size} images", flush=True)
     lookahead = Lookahead(model) if cfg.lookahead_every else None
     model.train()
     for step in range(total_steps):
@@ -541,6 +547,8 @@ def train_run(cfg, model, proxy, data, run, log, orthogonalize=newton_schulz):
             opt.step()
         model.zero_grad(set_to_none=True)
         done = step + 1
+        if progress and done < steps_per_epoch and done & (done - 1) == 0:  # a power of 2
+            print(f"run:{run} step:{done}/{total_steps} {time.perf_counter() - timer.t0 + timer.total:.1f}s", flush=True)
         if lookahead is not None and done % cfg.lookahead_every == 0:
             lookahead.update(cfg.lookahead_decay ** cfg.lookahead_every * (done / total_steps) ** 3)
         if lookahead is not None and done == total_steps:
@@ -552,7 +560,7 @@ def train_run(cfg, model, proxy, data, run, log, orthogonalize=newton_schulz):
             val_acc = evaluate(model, test_x, test_y, 0)
             model.train()
             epoch = f"{math.ceil(done / steps_per_epoch)}/{math.ceil(total_steps / steps_per_epoch)}"
-            log(f"epoch:{epoch} train_loss:{train_loss:.4f} train_acc:{train_acc:.4f} val_acc:{val_acc:.4f} "
+            log(f"run:{run} epoch:{epoch} train_loss:{train_loss:.4f} train_acc:{train_acc:.4f} val_acc:{val_acc:.4f} "
                 f"train_time:{timer.total:.3f}s")
             if not math.isfinite(train_loss):  # checked where the loss is read anyway: no host sync added per step
                 message = (f"{'the warmup run' if run == 0 else f'run {run}'} diverged: training loss {train_loss} "
@@ -573,7 +581,7 @@ def fmt(value):
 
 
 def usage():
-    lines = ["usage: python train_cifar.py [--name=value | --name value ...]",
+    lines = ["usage: train_cifar.py [--name=value | --name value ...]",
              "Every field of Hyperparameters (see its comments); defaults are the 94% record, [96: ...] what",
              "--variant=96 sets instead. Explicit values win over the variant's. --logit_scale=0: 1 / the last",
              "width, as airbench94_muon (1/256 at its --widths=64,256,256), so it follows --widths."]
@@ -626,6 +634,8 @@ RANGES = [  # (fields, rule, what the rule says): every hyperparameter but data_
     (("depth", "proxy_depth"), lambda v: v in (2, 3), "2 or 3"),
     (("tta_level",), lambda v: v in (0, 1, 2), "0, 1 or 2"),
     (("seed",), lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    (("run_id",), lambda v: v == "" or (re.fullmatch(r"[\w.-]+", v) and v not in (".", "..")),
+     "a plain file name (letters, digits, '.', '_', '-'): the log is logs/<run_id>.txt"),
     (("runs", "batch_size", "whiten_images", "proxy_every", "epochs", "whiten_bias_epochs", "whiten_eps", "muon_lr",
       "bias_lr", "head_lr", "lr", "bias_scaler"), lambda v: v > 0, "> 0"),
     (("ns_steps", "lookahead_every", "wd_per_example", "weight_decay", "logit_scale"), lambda v: v >= 0, ">= 0"),
@@ -668,6 +678,9 @@ def environment(device):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
+    log_path = os.path.join("logs", f"{cfg.run_id or uuid.uuid4()}.txt")
+    if os.path.exists(log_path):  # before any work; the file itself is made once the data is in
+        fail(f"{log_path} exists: choose another --run_id (a log is never overwritten)")
     train_x, train_y, test_x, test_y = load_cifar10(cfg.data_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.half if device.type == "cuda" else torch.float32  # CUDA: fp16 weights, BatchNorm in fp32
@@ -677,11 +690,17 @@ def main(argv=None):
     data = (to_images(train_x), to_labels(train_y), to_images(test_x), to_labels(test_y))
 
     os.makedirs("logs", exist_ok=True)
-    log_path = os.path.join("logs", f"{uuid.uuid4()}.txt")
+    try:
+        open(log_path, "x").close()
+    except FileExistsError:
+        fail(f"{log_path} exists: choose another --run_id (a log is never overwritten)")
+    except OSError as e:
+        fail(f"{log_path}: cannot write the log ({e.strerror})")
+    print(f"log: {log_path}", flush=True)
 
     def log(line, console=True):
         if console:
-            print(line)
+            print(line, flush=True)  # flushed: progress shows through a pipe too
         with open(log_path, "a") as f:
             f.write(line + "\n")
 
@@ -709,18 +728,19 @@ def main(argv=None):
     model = make_net(cfg.widths, cfg.depth)
     proxy = make_net(cfg.proxy_widths, cfg.proxy_depth) if cfg.select < 1 else None
     orthogonalize = torch.compile(newton_schulz) if cfg.compile else newton_schulz
-    if cfg.compile or device.type == "cuda":  # compile and autotune outside the clock
-        acc, seconds = train_run(cfg, model, proxy, data, 0, log, orthogonalize)
+    warm = cfg.compile or device.type == "cuda"
+    if warm:  # compile and autotune outside the clock
+        acc, seconds = train_run(cfg, model, proxy, data, 0, log, orthogonalize, progress=True)
         log(f"warmup acc:{acc:.4f} time:{seconds:.3f}s")
     accs, times = [], []
     for run in range(1, cfg.runs + 1):
-        acc, seconds = train_run(cfg, model, proxy, data, run, log, orthogonalize)
+        acc, seconds = train_run(cfg, model, proxy, data, run, log, orthogonalize, progress=run == 1 and not warm)
         log(f"run:{run} acc:{acc:.4f} time:{seconds:.3f}s")
         accs.append(acc)
         times.append(seconds)
-    std = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")
-    log(f"summary runs:{len(accs)} acc_mean:{statistics.mean(accs):.4f} acc_std:{std(accs):.4f} "
-        f"time_mean:{statistics.mean(times):.3f}s time_std:{std(times):.3f}s")
+    std = lambda values, spec: format(statistics.stdev(values), spec) if len(values) > 1 else "n/a"  # one run: none
+    log(f"summary runs:{len(accs)} acc_mean:{statistics.mean(accs):.4f} acc_std:{std(accs, '.4f')} "
+        f"time_mean:{statistics.mean(times):.3f}s time_std:{std(times, '.3f')}{'s' * (len(times) > 1)}")
     print(f"log: {log_path}")
 
 

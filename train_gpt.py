@@ -71,7 +71,7 @@ class Hyperparameters:
     val_fp32_softcap: bool = False      # validation softcap on fp32 logits; default: on the head's bf16 logits, then
     #                                     fp32 for the cross-entropy, as the record (its 3.28 is measured so)
     compile: bool = True                # torch.compile the model and Polar Express
-    seed: int = 0                       # initial weights
+    seed: int = 0                       # of the initial weights (the data order is fixed)
     run_id: str = ""                    # the log is logs/<run_id>.txt (a plain file name); default: a fresh uuid4
     save_checkpoint: bool = False       # save logs/<run_id>/state_step*.pt at the end (and every checkpoint_every)
     checkpoint_every: int = 0           # steps between checkpoints and --average_last snapshots; 0 = none
@@ -99,7 +99,7 @@ def parse_args(argv, cls=Hyperparameters):
             if field: lines.append(f"  {flags[field[1]]:<{width}}  {field[2]}")
             elif more and lines: lines[-1] += " " + more[1]
             elif line.strip().startswith("#"): lines.append("  " + line.strip())
-        print("usage: train_gpt.py [--name=value ...]\n" + "\n".join(lines))
+        print("usage: train_gpt.py [--name=value | --name value ...]\n" + "\n".join(lines))
         sys.exit(0)
     i = 0
     while i < len(argv):

@@ -135,11 +135,11 @@ def read_cifar(log, body):
     for line in body:
         f = fields(line)
         try:
-            if line.startswith("epoch:") and "val_acc" in f and "train_time" in f:  # per-epoch lines: for plots only
+            if "epoch" in f and "val_acc" in f and "train_time" in f:  # per-epoch lines: for plots only
                 curve.append((int(f["epoch"].split("/")[0]), number(f["train_time"]), float(f["val_acc"])))
             elif line.startswith("warmup"):
                 curve = []
-            elif line.startswith("run:"):
+            elif line.startswith("run:"):  # run:{i} acc:{a} time:{t}s ('run:{i} epoch:...' is an epoch line)
                 acc, seconds = float(f["acc"]), number(f["time"])
                 log.samples.append((f"{log.name} run {f['run']}", acc, seconds))
                 log.curves.append(curve + [(curve[-1][0] if curve else 0, seconds, acc)])

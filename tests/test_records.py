@@ -204,7 +204,7 @@ BROKEN = {  # what a diverged run (or an edited log) reads like -> (kind, a line
     "gpt summary val_loss inf": ("gpt", r"^(summary val_loss:)(\S+)", "inf"),
     "gpt train_time nan": ("gpt", r"^(step:2/\S+ .*train_time:)(\d+ms)", "nanms"),
     "cifar acc nan": ("cifar", r"^(run:2 acc:)(\S+)", "nan"),
-    "cifar epoch train_loss nan": ("cifar", r"^(epoch:1/\S+ train_loss:)(\S+)", "nan")}
+    "cifar epoch train_loss nan": ("cifar", r"^(run:1 epoch:1/\S+ train_loss:)(\S+)", "nan")}
 
 
 @pytest.mark.parametrize("broken", BROKEN)
