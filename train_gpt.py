@@ -73,6 +73,7 @@ class Hyperparameters:
     compile: bool = True                # torch.compile the model and Polar Express
     seed: int = 0                       # of the initial weights (the data order is fixed)
     run_id: str = ""                    # the log is logs/<run_id>.txt (a plain file name); default: a fresh uuid4
+    preset: str = ""                    # named set of defaults from PRESETS (cpu: the README's smoke run); flags win
     save_checkpoint: bool = False       # save logs/<run_id>/state_step*.pt at the end (and every checkpoint_every)
     checkpoint_every: int = 0           # steps between checkpoints and --average_last snapshots; 0 = none
     resume: str = ""                    # a state_step*.pt to continue from, saved with the same hyperparameters
@@ -84,6 +85,17 @@ BOS, BLOCK = 50256, 128
 MAGIC, VERSION = 20240520, 1
 
 class UserError(Exception): pass
+
+# cpu: a 4-layer, 64-wide model on data/synthetic.py's toy language, 1,024 tokens a step, eager, no tiktoken download
+# (no prefix loss): the README's CPU smoke run, a few minutes on 2 cores. Not a record size: it shows the script works.
+PRESETS = {"cpu": dict(train_files="data/synthetic_gpt/fineweb_train_*.bin",
+                       val_files="data/synthetic_gpt/fineweb_val_*.bin", val_tokens=8192, val_seq_len=8192,
+                       val_head_chunk=1024,
+                       train_batch_size=(1024,), train_max_seq_len=(128,), ws_schedule=(1,), stage_lr=(1.0,),
+                       mtp_weights="1,0.5,0.25>1,0.5,0", prefix_weight="0", untie_stage=1, num_iterations=60,
+                       num_extension_iterations=2, ws_extension=1, ws_validate=1, val_loss_every=10, num_layers=4,
+                       model_dim=64, num_heads=2, bigram_vocab_size=1024, momentum_warmup_steps=20,
+                       momentum_cooldown_steps=5, kernel_warmup_steps=0, compile=False)}
 
 def flag_value(v):
     """A value as the parser reads it back: tuples as 3,7,11."""
@@ -101,7 +113,7 @@ def parse_args(argv, cls=Hyperparameters):
             elif line.strip().startswith("#"): lines.append("  " + line.strip())
         print("usage: train_gpt.py [--name=value | --name value ...]\n" + "\n".join(lines))
         sys.exit(0)
-    i = 0
+    i, given = 0, set()
     while i < len(argv):
         a = argv[i]
         i += 1
@@ -125,6 +137,11 @@ def parse_args(argv, cls=Hyperparameters):
                 kind = f"comma-separated {type(default[0]).__name__}s"
             raise UserError(f"--{name}={val}: expected {kind} like {flag_value(default)}") from None
         setattr(h, name, val)
+        given.add(name)
+    if h.preset and h.preset not in PRESETS:
+        raise UserError(f"--preset={h.preset}: unknown; the presets are {', '.join(PRESETS)}")
+    for name, val in PRESETS.get(h.preset, {}).items():  # the preset's defaults under the flags given
+        if name not in given: setattr(h, name, val)
     return h
 
 # ----------------------------------------------------------------------------------------------------
