@@ -548,7 +548,8 @@ def train_run(cfg, model, proxy, data, run, log, orthogonalize=newton_schulz, pr
         model.zero_grad(set_to_none=True)
         done = step + 1
         if progress and done < steps_per_epoch and done & (done - 1) == 0:  # a power of 2
-            print(f"run:{run} step:{done}/{total_steps} {time.perf_counter() - timer.t0 + timer.total:.1f}s", flush=True)
+            elapsed = time.perf_counter() - timer.t0 + timer.total
+            print(f"run:{run} step:{done}/{total_steps} {elapsed:.1f}s", flush=True)
         if lookahead is not None and done % cfg.lookahead_every == 0:
             lookahead.update(cfg.lookahead_decay ** cfg.lookahead_every * (done / total_steps) ** 3)
         if lookahead is not None and done == total_steps:

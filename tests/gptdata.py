@@ -5,7 +5,8 @@ def write_shard(path, tokens, magic=20240520, version=1, n_tokens=None):
     header = np.zeros(256, dtype="<i4")
     header[:3] = magic, version, len(tokens) if n_tokens is None else n_tokens
     with open(path, "wb") as f:
-        f.write(header.tobytes()); f.write(np.asarray(tokens, dtype="<u2").tobytes())
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
 
 def learnable_docs(n_docs, seed, min_len=20, max_len=400):
     """Documents [50256, a, a+k, a+2k, ...] mod 512: the next token follows from the previous two."""
@@ -27,7 +28,8 @@ def write_corpus(folder, train_tokens=400_000, val_tokens=40_000, n_train_shards
     paths = []
     for i in range(n_train_shards):
         toks = np.concatenate(learnable_docs(max(1, train_tokens // n_train_shards // 210), seed + i + 1))
-        paths.append(f"{folder}/fineweb_train_{i + 1:06d}.bin"); write_shard(paths[-1], toks)
+        paths.append(f"{folder}/fineweb_train_{i + 1:06d}.bin")
+        write_shard(paths[-1], toks)
     val = np.concatenate(learnable_docs(max(1, val_tokens // 210), seed + 100))
     write_shard(f"{folder}/fineweb_val_000000.bin", val)
     return paths, f"{folder}/fineweb_val_000000.bin"

@@ -46,9 +46,12 @@ class LoopbackHub:
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_HEAD(self): hub.reply(self, body=False)
-            def do_GET(self): hub.reply(self, body=True)
-            def log_message(self, *args): pass
+            def do_HEAD(self):
+                hub.reply(self, body=False)
+            def do_GET(self):
+                hub.reply(self, body=True)
+            def log_message(self, *args):
+                pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"

@@ -25,7 +25,8 @@ def pe_reference(G):
     """fp64: the five quintics applied to the singular values of the normalized matrix."""
     U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     s = S / (torch.linalg.matrix_norm(G.double())[..., None] * 1.02 + 1e-6)
-    for a, b, c in PE: s = a * s + b * s ** 3 + c * s ** 5
+    for a, b, c in PE:
+        s = a * s + b * s ** 3 + c * s ** 5
     return U @ torch.diag_embed(s) @ Vh
 
 def pe_single_rounding(G):
@@ -96,7 +97,8 @@ def test_normuon_cautious_wd_step_against_reference(exact):
         ref.append([mats, torch.zeros_like(mats), [torch.zeros(vshape, dtype=torch.float64)] * mats.size(0)])
     for step, (lr_mult, mu) in enumerate([(1.0, 0.85), (0.5, 0.9), (0.3, 0.95)]):
         grads = [torch.randn_like(p) for p in params]
-        for p, g in zip(params, grads): p.grad = g.clone()
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
         opt.step(lr_mult, mu)
         for p, g, r, (_, muls) in zip(params, grads, ref, NORMUON_BANKS):
             g_mats = g.double().reshape(-1, *p.shape[-2:])
@@ -154,7 +156,8 @@ def test_momentum_follows_the_records_branches(total, warmup, cooldown):
 def test_momentum_and_lr_warmup_at_boundaries():
     h = tg.Hyperparameters()  # 1285 steps: momentum 0.85 -> 0.95 over 300 steps, back to 0.85 over the last 50
     mom = {0: 0.85, 150: 0.90, 300: 0.95, 1000: 0.95, 1235: 0.95, 1260: 0.90, 1284: 0.852}
-    for s, m in mom.items(): assert tg.muon_momentum(s, h) == pytest.approx(m, abs=1e-9), s
+    for s, m in mom.items():
+        assert tg.muon_momentum(s, h) == pytest.approx(m, abs=1e-9), s
     h.warmup_steps = 10
     assert tg.lr_schedule(0, h) == pytest.approx(0.1) and tg.lr_schedule(9, h) == 1.0
     assert tg.lr_schedule(9, h, stage_lr=1.52) == 1.52
@@ -223,10 +226,14 @@ def test_block_mask_against_brute_force(ws):
         full = set(bm.full_kv_indices[0, 0, i, :bm.full_kv_num_blocks[0, 0, i]].tolist())
         assert not partial & full
         for j in range(nb):
-            if blocks[i, j].all() and j < i: assert j in full, (i, j)  # (the diagonal block is never all-visible)
-            if j in full: assert blocks[i, j].all(), (i, j)
-            if blocks[i, j].any(): assert j in partial | full, (i, j)
-            if j not in partial | full: assert not blocks[i, j].any(), (i, j)
+            if blocks[i, j].all() and j < i:
+                assert j in full, (i, j)  # (the diagonal block is never all-visible)
+            if j in full:
+                assert blocks[i, j].all(), (i, j)
+            if blocks[i, j].any():
+                assert j in partial | full, (i, j)
+            if j not in partial | full:
+                assert not blocks[i, j].any(), (i, j)
 
 def dense_attention(q, k, v, mask, scale):
     """[B, T, H, D] attention with the full T x T boolean mask: the obvious reference."""
@@ -244,7 +251,8 @@ def test_blockwise_twin_matches_full_dense_mask_forward_and_gradients(T, ws):
     ref = dense_attention(q, k, v, brute_mask(tokens, ws * 128), 0.3)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     assert rel(out, ref) < 1e-12
-    for a, b in zip(grads, ref_grads): assert rel(a, b) < 1e-12
+    for a, b in zip(grads, ref_grads):
+        assert rel(a, b) < 1e-12
 
 def test_flex_forward_matches_dense_twin_eager_and_compiled():
     torch.manual_seed(3)
@@ -300,7 +308,8 @@ def loader_reference(shards, steps, slot_len, max_seq, partial=False):
             slots.append(np.concatenate(buf) if buf else buf)
         if any(len(s) < slot_len + 1 for s in slots):  # shard exhausted: its tail is dropped
             si, di = si + 1, 0
-            if partial and si == len(docs): break
+            if partial and si == len(docs):
+                break
             continue
         out.append(slots)
         di = d
@@ -309,7 +318,8 @@ def loader_reference(shards, steps, slot_len, max_seq, partial=False):
 
 def test_loader_bos_aligned_no_token_lost_or_repeated(tmp_path):
     shards = [np.concatenate(learnable_docs(90, s, 10, 300)) for s in (1, 2)]
-    for i, s in enumerate(shards): write_shard(tmp_path / f"t_{i + 1:06d}.bin", s)
+    for i, s in enumerate(shards):
+        write_shard(tmp_path / f"t_{i + 1:06d}.bin", s)
     h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), bigram_vocab_size=0)
     ref, used = loader_reference(shards, 7, 128, 100)
     assert used[0] == 0 and used[-1] == 1  # the steps cross from shard 1 into shard 2
@@ -332,8 +342,10 @@ def test_loader_stops_or_repeats_when_the_files_run_out(tmp_path):
     n_steps = len(loader_reference([np.fromfile(tmp_path / "t_000001.bin", dtype="<u2", offset=1024)], 99, 128, 100,
                                    partial=True)[0])
     L = tg.TrainLoader(h, 0, 1, torch.device("cpu"))
-    for _ in range(n_steps): L.next_step(1024, 100)
-    with pytest.raises(tg.UserError, match="--repeat_data"): L.next_step(1024, 100)
+    for _ in range(n_steps):
+        L.next_step(1024, 100)
+    with pytest.raises(tg.UserError, match="--repeat_data"):
+        L.next_step(1024, 100)
     h.repeat_data = True
     L, first = tg.TrainLoader(h, 0, 1, torch.device("cpu")), None
     for i in range(n_steps + 1):
@@ -395,7 +407,8 @@ def test_cli_help_and_parsing():
     h = tg.parse_args(["--num_layers", "3", "--lr=0.1", "--compile=0", "--ws_schedule=1,2", "--train_files=a*.bin"])
     assert (h.num_layers, h.lr, h.compile, h.ws_schedule, h.train_files) == (3, 0.1, False, (1, 2), "a*.bin")
     for bad in (["--lr=x"], ["--compile=2"], ["--nope=1"], ["--num_layers"], ["positional"]):
-        with pytest.raises(tg.UserError): tg.parse_args(bad)
+        with pytest.raises(tg.UserError):
+            tg.parse_args(bad)
 
 def test_the_logged_configuration_pastes_back_as_flags():
     """The log's hyperparameters block is the flags of the run: a shell reads each line back (quotes and all) and the
@@ -421,7 +434,8 @@ def test_import_does_nothing(tmp_path):
 def main_error(args, cwd, monkeypatch):
     """The UserError that main() stops with, in-process (its checks come before anything heavy)."""
     monkeypatch.chdir(cwd)
-    with pytest.raises(tg.UserError) as e: tg.main(args)
+    with pytest.raises(tg.UserError) as e:
+        tg.main(args)
     return str(e.value)
 
 def one_line_error(r):
@@ -481,7 +495,8 @@ def test_loader_that_can_make_no_progress_says_so(tmp_path, gpt_files):
     line = one_line_error(run_cli(args, tmp_path, timeout=120))  # it used to spin forever
     assert "nobos_*.bin: no shard holds one step of BOS-aligned data" in line
     loader = tg.TrainLoader(tg.parse_args(args), 0, 1, torch.device("cpu"))  # the loader itself, past the early check
-    with pytest.raises(tg.UserError, match="no shard holds one step"): loader.next_step(1024, 128)
+    with pytest.raises(tg.UserError, match="no shard holds one step"):
+        loader.next_step(1024, 128)
 
 def test_non_finite_loss_stops_at_the_first_validation_after_it(tmp_path, gpt_files):
     args = ["--num_iterations=12", "--num_extension_iterations=1", "--val_loss_every=1", "--lr=1e9", "--run_id=nan"]
@@ -497,8 +512,10 @@ def test_non_finite_loss_stops_at_the_first_validation_after_it(tmp_path, gpt_fi
     assert all(math.isfinite(v) for step in range(s) for v in vals[step])  # finite up to the step before the stop
     # the head starts at N(0, 0.005) and Adam first moves it after step 2: the first two steps predict near uniformly
     assert abs(vals[1][1] - math.log(50304)) < 0.01 and abs(vals[2][1] - math.log(50304)) < 0.01
-    if stop[2] == f"the val loss is non-finite at step {s}: it diverged": assert math.isnan(vals[s][0])
-    else: assert stop[2] == f"the training loss became non-finite between steps {s} and {s}" and s not in vals
+    if stop[2] == f"the val loss is non-finite at step {s}: it diverged":
+        assert math.isnan(vals[s][0])
+    else:
+        assert stop[2] == f"the training loss became non-finite between steps {s} and {s}" and s not in vals
 
 def test_a_log_write_that_fails_ends_with_one_line(tmp_path, gpt_files):
     import resource, signal
@@ -546,7 +563,8 @@ def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_checkpoint(tmp_path, 
                          stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:  # wait for the third step, after the checkpoint of step 2
-        if line.startswith("step:3/60"): break
+        if line.startswith("step:3/60"):
+            break
     p.send_signal(getattr(signal, signal_name))
     out, err = p.communicate(timeout=120)
     lines = err.strip().splitlines()
@@ -558,7 +576,8 @@ def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_checkpoint(tmp_path, 
 
 def test_train_data_is_checked_before_the_first_step(tmp_path, gpt_files, monkeypatch):
     shards = [np.concatenate(learnable_docs(60, s, 10, 300)) for s in (1, 2)]
-    for i, tokens in enumerate(shards): write_shard(tmp_path / f"t_{i + 1:06d}.bin", tokens)
+    for i, tokens in enumerate(shards):
+        write_shard(tmp_path / f"t_{i + 1:06d}.bin", tokens)
     per_shard = [len(loader_reference([t], 999, 128, 100, partial=True)[0]) for t in shards]  # the test's own loader
     args = TINY + [f"--train_files={tmp_path}/t_*.bin", gpt_files[1], "--train_max_seq_len=100",
                    "--num_extension_iterations=1"]
@@ -585,7 +604,8 @@ def test_kernel_warmup_restores_every_state_and_is_skipped_without_compile(tmp_p
     h = tg.parse_args(gpt_files + TINY + ["--num_iterations=6", "--num_extension_iterations=1", "--ema_decay=0.5"])
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
     loader = tg.TrainLoader(h, 0, 1, torch.device("cpu"))
-    for step in range(3): trainer.train_step(step, loader)  # Adam holds a pending gradient after an odd step count
+    for step in range(3):
+        trainer.train_step(step, loader)  # Adam holds a pending gradient after an odd step count
     def state():
         s = {f"model.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
         s.update({f"opt{i}.{k}": v.clone() for i, g in enumerate(trainer.muon.state() + trainer.adam.state())
@@ -631,7 +651,8 @@ def test_resume_refuses_what_does_not_match(full_run, monkeypatch):
               "--model_dim=64 (now 128), --num_heads=2 (now 4)"),
              ([f"--resume={ckpt}", "--lr=0.05"], "--lr=0.023 (now 0.05)"),
              (["--resume=logs/full/state_step000007.pt"], "at step 7, --num_iterations=7: nothing left to train")]
-    for args, words in cases: assert words in main_error(common + args + ["--run_id=refused"], d, monkeypatch), args
+    for args, words in cases:
+        assert words in main_error(common + args + ["--run_id=refused"], d, monkeypatch), args
     assert not os.path.exists(d / "logs/refused.txt")
     r = run_cli(common + ["--resume=cut.pt"], d)  # the same, as a racer sees it
     assert "cannot be read as a checkpoint" in one_line_error(r)
@@ -680,8 +701,10 @@ def load_ckpt(path):
 
 def flatten_state(sd):
     out = dict(sd["model"])
-    for i, g in enumerate(sd["muon"]): out.update({f"muon{i}.{k}": v for k, v in g.items()})
-    for i, g in enumerate(sd["adam"]): out.update({f"adam{i}.{k}": v for k, v in g.items()})
+    for i, g in enumerate(sd["muon"]):
+        out.update({f"muon{i}.{k}": v for k, v in g.items()})
+    for i, g in enumerate(sd["adam"]):
+        out.update({f"adam{i}.{k}": v for k, v in g.items()})
     return out
 
 @pytest.fixture(scope="module")
@@ -710,7 +733,8 @@ def test_resume_matches_uninterrupted_run(full_run, resumed_run):
             load_ckpt(tmp_path / "logs/resumed/state_step000007.pt"))
     fa, fb = flatten_state(a), flatten_state(b)
     assert fa.keys() == fb.keys()
-    for k in fa: assert torch.equal(fa[k], fb[k]), k
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
     assert a["loader"] == b["loader"] and a["adam_t"] == b["adam_t"]
     va = parse_log(tmp_path / "logs/full.txt")[2]
     vb = parse_log(tmp_path / "logs/resumed.txt")[2]
@@ -723,7 +747,8 @@ def test_evaluation_covers_exactly_val_tokens(gpt_files):
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
     val = tg.load_val(h)
     with torch.no_grad():
-        for p in trainer.model.lm_head.parameters(): p.normal_(0, 0.05)
+        for p in trainer.model.lm_head.parameters():
+            p.normal_(0, 0.05)
         loss = trainer.evaluate(0, val)
         # reference: the unpadded 1000-token stream in one piece, fp32 per-token cross-entropy averaged here
         inputs, targets = torch.from_numpy(val[:1000].astype(np.int32)), torch.from_numpy(val[1:1001].astype(np.int64))

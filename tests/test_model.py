@@ -50,7 +50,8 @@ def doc_ids(tokens):
     """Document index of each token: a BOS starts a new document."""
     ids, d = [], -1
     for t in tokens.tolist():
-        if t == BOS_ID or d < 0: d += 1
+        if t == BOS_ID or d < 0:
+            d += 1
         ids.append(d)
     return ids
 
@@ -144,7 +145,8 @@ def test_paired_attention_against_per_stream_loop():
     h = tg.parse_args(["--num_layers=2", f"--model_dim={D}", f"--num_heads={H}", "--bigram_vocab_size=1024"])
     torch.manual_seed(3)
     model = tg.GPT(h, T, torch.float32)
-    with torch.no_grad(): model.scalars[0:2] = torch.tensor([0.7, 1.3])
+    with torch.no_grad():
+        model.scalars[0:2] = torch.tensor([0.7, 1.3])
     tokens = tokens_with_docs(T, [0, 90, 200], seed=3)
     x = tg.norm(torch.randn(1, T, D))
     aux_v = 0.5 * torch.randn(1, T, D)
@@ -253,7 +255,8 @@ def small_record_model(dtype=torch.float32, T=256, seed=0):
 def gate_outputs(out, j):
     """The gate dict of GPT.gates read back per record name."""
     got = {(kind, r): val for kind in ("xsa", "attn", "x0", "bigram") for r, val in out[kind].items()}
-    if j: got.update({("skip", None): out["skip"], ("dc1", None): out["dc"][0], ("dc2", None): out["dc"][1]})
+    if j:
+        got.update({("skip", None): out["skip"], ("dc1", None): out["dc"][0], ("dc2", None): out["dc"][1]})
     return got
 
 def test_gate_widths_layout_and_initial_values():
@@ -274,7 +277,8 @@ def test_gate_widths_layout_and_initial_values():
     expect_bias[1][("dc1", None)] = 1.0
     for j, cols in enumerate((REC_PRE_COLUMNS, REC_POST_COLUMNS)):
         out = dict(xsa={}, attn={}, x0={}, bigram={})
-        with torch.no_grad(): model.gates(x, j, out)
+        with torch.no_grad():
+            model.gates(x, j, out)
         got = gate_outputs(out, j)
         assert set(got) == set(cols)
         for key, columns in cols.items():
@@ -287,7 +291,8 @@ def test_gate_widths_layout_and_initial_values():
         model.mudd_gate_w2[0, 26:].normal_()  # beyond the pre gate's 26 columns: must not matter
     for j, cols in enumerate((REC_PRE_COLUMNS, REC_POST_COLUMNS)):
         out = dict(xsa={}, attn={}, x0={}, bigram={})
-        with torch.no_grad(): model.gates(x, j, out)
+        with torch.no_grad():
+            model.gates(x, j, out)
         got = gate_outputs(out, j)
         for key, columns in cols.items():
             expect = torch.tensor([c + 1.0 for c in columns]).expand(1, 5, -1)
@@ -353,7 +358,8 @@ def yarn_rotary(x, tables):
 def seq_index(cu, n):
     """Sequence index of each of n positions from the cumulative sequence lengths cu."""
     idx = torch.zeros(n, dtype=torch.long)
-    for b in cu[1:-1]: idx[b:] += 1
+    for b in cu[1:-1]:
+        idx[b:] += 1
     return idx
 
 def varlen_causal_attention(q, k, v, cu, left, scale):
@@ -386,13 +392,15 @@ def record_attention(x, w, sa, H, paired, tables, scale, key_offset, aux_v, xsa_
         if key_offset:
             k = k.clone()
             k[:, 1:, :, hd // 2:] = k[:, :-1, :, hd // 2:].clone()
-        if aux_v is not None: v = v + aux_v.view_as(v)
+        if aux_v is not None:
+            v = v + aux_v.view_as(v)
     else:
         q, k = q.reshape(B, T, H // 2, 2 * hd), k.reshape(B, T, H // 2, 2 * hd)
         v = v.reshape(B, 2 * T, H // 2, hd)
         q, k = yarn_rotary(q, tables), yarn_rotary(k, tables)
         q, k = q.reshape(B, 2 * T, H // 2, hd), k.reshape(B, 2 * T, H // 2, hd)
-        if aux_v is not None: v = v + aux_v.view_as(v)
+        if aux_v is not None:
+            v = v + aux_v.view_as(v)
         cu = [2 * c for c in cu]
     y = varlen_causal_attention(q[0], k[0], v[0], cu, left, scale)[None]
     if dc_w is not None:
@@ -403,7 +411,8 @@ def record_attention(x, w, sa, H, paired, tables, scale, key_offset, aux_v, xsa_
         dot = (y * v).sum(-1, keepdim=True)
         denom = v.square().sum(-1, keepdim=True).clamp_min(1e-8)
         y = y - torch.tanh(xsa_alpha).view(B, T, H, 1) * (dot / denom) * v
-    if gate is not None: y = y * gate.view(B, T, H, 1)
+    if gate is not None:
+        y = y * gate.view(B, T, H, 1)
     return F.linear(y.reshape(B, T, D), sa[1] * w[3 * D:])
 
 def record_forward(R, inputs, targets, bigram_in, cu, bm_short, bm_long, H):
@@ -487,12 +496,16 @@ def record_forward(R, inputs, targets, bigram_in, cu, bm_short, bm_long, H):
                 x = mu[8] * x + mu[9] * attn_out + mu[10] * cache[0] + mu[11] * x0_bigram
             else:
                 x = R["resid_lambdas"][i, 0] * x + R["post_lambdas"][i, 0] * attn_out + x0 * x0_gates[i]
-                if i != 0: x = x + x0_bigram * bigram_gates[i]
+                if i != 0:
+                    x = x + x0_bigram * bigram_gates[i]
         normed = F.rms_norm(x, (D,))
         mlp_out = F.relu(normed @ mlp_fcs[i].T).square() @ mlp_projs[i]
-        if mu is not None: x = mu[12] * x + mu[13] * mlp_out
-        else: x = R["resid_lambdas"][i, 1] * x + R["post_lambdas"][i, 1] * mlp_out
-        if i in REC_CACHE: cache[i] = x
+        if mu is not None:
+            x = mu[12] * x + mu[13] * mlp_out
+        else:
+            x = R["resid_lambdas"][i, 1] * x + R["post_lambdas"][i, 1] * mlp_out
+        if i in REC_CACHE:
+            cache[i] = x
     mu = mudd(x, 1, 5)
     x = x + mu[0] * cache[0] + mu[1] * cache[7] + mu[2] * cache[9] + mu[3] * ve[1][None] + mu[4] * cache[3]
     x = F.rms_norm(x, (D,))
@@ -503,7 +516,8 @@ def record_parameters(model):
     """Our parameters in the record's layout as fresh fp64 leaves: the banks with the record's 8-GPU padding (zeros),
     the head transposed ([D, V], CastedLinearT). Returns the dict and, per our name, how to read its gradient back."""
     p = {n: t.detach().double() for n, t in model.named_parameters()}
-    def pad(t, rows): return torch.cat([t, t.new_zeros(rows, *t.shape[1:])])
+    def pad(t, rows):
+        return torch.cat([t, t.new_zeros(rows, *t.shape[1:])])
     R = {"embed": p["embed.weight"], "lm_head": p["lm_head.weight"].T, "smear_gate": p["smear_gate.weight"],
          "bigram_embed": p["bigram_embed.weight"], "value_embeds": p["value_embeds"],
          "ve_gate_bank": p["ve_gate_bank"], "qk_bank": pad(p["qk_bank"], 4), "vo_bank": pad(p["vo_bank"], 4),
@@ -516,7 +530,8 @@ def record_parameters(model):
             "qk_bank": lambda: R["qk_bank"].grad[:60], "vo_bank": lambda: R["vo_bank"].grad[:20],
             "mlp_bank": lambda: R["mlp_bank"].grad[:11]}
     for n in p:
-        if n not in back: back[n] = (lambda n: lambda: R[n].grad)(n)
+        if n not in back:
+            back[n] = (lambda n: lambda: R[n].grad)(n)
     return R, back
 
 def test_model_matches_a_twin_of_the_record_forward_loss_and_gradients():
@@ -527,7 +542,8 @@ def test_model_matches_a_twin_of_the_record_forward_loss_and_gradients():
     T, H = 256, 6
     model = small_record_model(T=T, seed=7).double()
     g = torch.Generator().manual_seed(8)
-    def noise(t, std): return torch.randn(t.shape, generator=g, dtype=t.dtype) * std
+    def noise(t, std):
+        return torch.randn(t.shape, generator=g, dtype=t.dtype) * std
     with torch.no_grad():
         model.mudd_w2.copy_(noise(model.mudd_w2, 0.3))
         model.mudd_gate_w2.copy_(noise(model.mudd_gate_w2, 0.3))

@@ -345,7 +345,8 @@ def test_plot_starts_at_step_0_fits_the_data_and_labels_the_target(logs, tmp_pat
     steps_axis, time_axis = drawn_figure(monkeypatch, *logs["gpt"], "--out", tmp_path / "x.png").axes
     for line, log in zip(steps_axis.get_lines(), logs["gpt"]):  # every validation, step 0 first
         assert line.get_xdata()[0] == 0
-        assert list(line.get_ydata()) == [float(v) for v in re.findall(r"^step:\d+/\d+ val_loss:(\S+)", read(log), re.M)]
+        logged = re.findall(r"^step:\d+/\d+ val_loss:(\S+)", read(log), re.M)
+        assert list(line.get_ydata()) == [float(v) for v in logged]
     low, high = steps_axis.get_ylim()
     assert min(losses) - 0.1 * (max(losses) - min(losses)) < low < min(losses) < max(losses) < high
     assert all(float(t).is_integer() for t in steps_axis.get_xticks())

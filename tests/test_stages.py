@@ -22,7 +22,8 @@ SHORT = ["--num_iterations=6", "--num_extension_iterations=1"]
 
 def main_error(args, cwd, monkeypatch):
     monkeypatch.chdir(cwd)
-    with pytest.raises(tg.UserError) as e: tg.main(args)
+    with pytest.raises(tg.UserError) as e:
+        tg.main(args)
     return str(e.value)
 
 def load_ckpt(path):
@@ -31,8 +32,10 @@ def load_ckpt(path):
 def flat_state(sd):
     """Every tensor of a checkpoint that the training continues from, by name."""
     out = {f"model.{k}": v for k, v in sd["model"].items()}
-    for i, g in enumerate(sd["muon"]): out.update({f"muon{i}.{k}": v for k, v in g.items()})
-    for i, g in enumerate(sd["adam"]): out.update({f"adam{i}.{k}": v for k, v in g.items()})
+    for i, g in enumerate(sd["muon"]):
+        out.update({f"muon{i}.{k}": v for k, v in g.items()})
+    for i, g in enumerate(sd["adam"]):
+        out.update({f"adam{i}.{k}": v for k, v in g.items()})
     out.update({f"pending{i}": g for i, g in enumerate(sd["adam_pending"]) if g is not None})
     return out
 
@@ -54,9 +57,12 @@ def record_plan(step):
     lr = stage_mult * (1 - t) + 0.15 * t
     def linear(start, end):  # start -> end over the step's stage
         return start + (end - start) * (step - REC_STARTS[stage]) / (REC_STARTS[stage + 1] - REC_STARTS[stage])
-    if stage == 0: mtp, prefix = [1.0, 0.5, linear(0.25, 0.0)], 0.25
-    elif stage == 1: mtp, prefix = [1.0, linear(0.5, 0.0)], linear(0.25, 0.0)
-    else: mtp, prefix = [1.0], 0.0
+    if stage == 0:
+        mtp, prefix = [1.0, 0.5, linear(0.25, 0.0)], 0.25
+    elif stage == 1:
+        mtp, prefix = [1.0, linear(0.5, 0.0)], linear(0.25, 0.0)
+    else:
+        mtp, prefix = [1.0], 0.0
     return stage, tokens, seq_cap, windows, lr, mtp, prefix
 
 def test_schedule_at_the_record_defaults():
@@ -139,10 +145,13 @@ def loss_reference(z, targets, mtp, prefix_targets, prefix, across_docs):
         next_token -= logp[t, targets[t]].item()
         terms = []  # (weight, class) of each cross-entropy term of position t
         for k, w in enumerate(mtp):
-            if t + k >= T: continue  # past the slot's end
-            if not across_docs and BOS_ID in targets[t:t + k]: continue  # t+k is in a later document than t
+            if t + k >= T:
+                continue  # past the slot's end
+            if not across_docs and BOS_ID in targets[t:t + k]:
+                continue  # t+k is in a later document than t
             terms.append((w, targets[t + k]))
-        if prefix_targets[t] >= 0: terms.append((prefix, prefix_targets[t]))
+        if prefix_targets[t] >= 0:
+            terms.append((prefix, prefix_targets[t]))
         for w, y in terms:
             total -= w * logp[t, y].item()
             grad[t] += w * probs[t]
@@ -154,7 +163,8 @@ def test_mtp_and_prefix_loss_against_a_loop(across_docs):
     rng = random.Random(7)
     T, V = 40, BOS_ID + 4  # the vocabulary holds the BOS id, as the real 50304 does
     targets = [rng.randrange(30) for _ in range(T)]
-    for t in (5, 6, 20, 37, 39): targets[t] = BOS_ID  # two in a row, one near the end, the last
+    for t in (5, 6, 20, 37, 39):
+        targets[t] = BOS_ID  # two in a row, one near the end, the last
     prefix_targets = [rng.randrange(-1, 30) if t % 3 else -1 for t in range(T)]
     prefix_targets[11] = V - 1  # a prefix id far from the targets
     mtp, prefix = [0.7, 0.5, 0.25, 0.1], 0.3
@@ -194,7 +204,8 @@ def chain_vocab(seed, n_multi, drop_singles=()):
     strings = [bytes([i]) for i in range(256)]
     while len(strings) < 256 + n_multi:
         extended = rng.choice(strings) + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4)))
-        if extended not in strings: strings.append(extended)
+        if extended not in strings:
+            strings.append(extended)
     dropped = {bytes([i]) for i in drop_singles}
     strings = [string for string in strings if string not in dropped]
     ids = list(range(len(strings)))
@@ -274,7 +285,8 @@ def test_bigram_injection_with_its_sign_row(monkeypatch):
     real_norm = tg.norm
     monkeypatch.setattr(tg, "norm", lambda x: seen.append(x.detach().clone()) or real_norm(x))
     masks = model.layer_masks(inputs, (1, 3), flex=False)
-    with torch.no_grad(): model(inputs, torch.zeros(256, dtype=torch.int64), bigram_rows, masks)
+    with torch.no_grad():
+        model(inputs, torch.zeros(256, dtype=torch.int64), bigram_rows, masks)
     table, signs = model.bigram_embed.weight, model.bigram_signs
     assert set(signs.unique().tolist()) == {-1.0, 1.0}
     expect = torch.stack([table[bigram_rows[p]] * signs[0 if p == 0 else int(tokens[p - 1] ^ tokens[p]) % 1000]
@@ -306,25 +318,29 @@ def test_adam_cautious_decay_against_reference(mode):
     starts = [torch.randn(16, 8), torch.randn(24, 4)]
     starts[0][0, :4] = 0.0  # p = 0: no decay whatever the mask says
     grads = [[torch.randn_like(p) for _ in range(3)] for p in starts]
-    for g in grads[0]: g[1, :4] = 0.0  # upd = 0 exactly with p != 0: the strict mask spares them
+    for g in grads[0]:
+        g[1, :4] = 0.0  # upd = 0 exactly with p != 0: the strict mask spares them
     lr, eps, wd = 0.05, 1e-10, 0.5
     lr_mults, wd_mults = [1.0, 0.6, 0.3], [1.0, 0.6, 1.0]  # the last step passes its decay schedule apart
     params = [torch.nn.Parameter(p.clone()) for p in starts]
     opt = tg.DistAdam([(p, *c) for p, c in zip(params, configs)], tg.Comm(0, 1), lr=lr, eps=eps, weight_decay=wd,
                       wd_mode=mode)
     for t in range(3):
-        for p, g in zip(params, grads): p.grad = g[t].clone()
+        for p, g in zip(params, grads):
+            p.grad = g[t].clone()
         opt.step(lr_mults[t], wd_mults[t] if t == 2 else None)
     for p, p0, g, (betas, lr_mul, wd_mul) in zip(params, starts, grads, configs):
         ref = adam_reference(p0, g, lr_mults, wd_mults, betas, lr, lr_mul, eps, wd, wd_mul, mode)
         assert rel(p.detach() - p0, ref - p0.double()) < 1e-5, mode  # fp32 weights and moments
         no_decay = adam_reference(p0, g, lr_mults, wd_mults, betas, lr, lr_mul, eps, 0.0, wd_mul, mode)
-        if mode != "none": assert rel(no_decay - p0.double(), ref - p0.double()) > 1e-3  # the decay shows
+        if mode != "none":
+            assert rel(no_decay - p0.double(), ref - p0.double()) > 1e-3  # the decay shows
     spared = params[0].detach()[1, :4]
     decays = [(lr * 2.0 * wd_mult) ** 2 * wd * 3.0 for wd_mult in wd_mults]  # parameter 0's lambda of each step
     kept = math.prod(1 - lam for lam in decays) if mode == "decoupled" else 1.0
     assert torch.allclose(spared, starts[0][1, :4] * kept, rtol=1e-6, atol=0)
-    if mode == "cautious": assert torch.equal(spared, starts[0][1, :4])  # bit for bit: upd * p = 0 is not > 0
+    if mode == "cautious":
+        assert torch.equal(spared, starts[0][1, :4])  # bit for bit: upd * p = 0 is not > 0
 
 def test_adam_leaves_a_parameter_without_gradient_alone():
     """As the record: a parameter whose gradient is None (unused by this model) gets no update, no moment decay and
@@ -374,8 +390,10 @@ def recording_trainer(steps):
                         v=(adam.v[i_head].clone(), adam.v[i_embed].clone()))
 
         def recording_fwd(self, *args, **kw):
-            if not self.model.training: return self.real_fwd(*args, **kw)  # a validation
-            if "model" not in steps[-1]: steps[-1]["model"] = copy.deepcopy(self.model)
+            if not self.model.training:
+                return self.real_fwd(*args, **kw)  # a validation
+            if "model" not in steps[-1]:
+                steps[-1]["model"] = copy.deepcopy(self.model)
             steps[-1]["calls"].append(args)
             return self.real_fwd(*args)
 
@@ -397,7 +415,8 @@ def staged_run(tmp_path_factory, gpt_files):
     With no prefix loss the tokenizer is never asked for."""
     d = tmp_path_factory.mktemp("staged")
     common = gpt_files + SMALL + NO_PREFIX + STAGED
-    def no_tokenizer(*args): raise AssertionError("the prefix vocabulary was loaded with --prefix_weight=0")
+    def no_tokenizer(*args):
+        raise AssertionError("the prefix vocabulary was loaded with --prefix_weight=0")
     records, trainers = [], []
     class KeptTrainer(recording_trainer(records)):
         def __init__(self, *args):
@@ -473,7 +492,8 @@ def test_resume_across_the_untie_matches_an_uninterrupted_run(staged_run, monkey
     resumed = load_ckpt(d / "logs/resumed/state_step000006.pt")
     full, other = flat_state(saved[6]), flat_state(resumed)
     assert other.keys() == full.keys()
-    for k in full: assert torch.equal(other[k], full[k]), k
+    for k in full:
+        assert torch.equal(other[k], full[k]), k
     assert (resumed["loader"], resumed["adam_t"]) == (saved[6]["loader"], saved[6]["adam_t"])
     assert parse_log(d / "logs/resumed.txt")[2] == parse_log(d / "logs/full.txt")[2]  # the final validation
     # the tie as a resume restores it: still tied before the untie step, untied from the checkpoint just after it
@@ -502,7 +522,8 @@ def test_world_size_2_matches_world_size_1_across_stages_and_the_untie(staged_ru
     # or a wrong shard is off by O(1).
     for k, v in a["model"].items():
         assert rel(b["model"][k], v) < (0.3 if "gate" in k else 1e-2 if "bank" in k else 1e-3), k
-    for sd in (a, b): assert (sd["model"]["embed.weight"] - sd["model"]["lm_head.weight"]).abs().max() > 1e-6
+    for sd in (a, b):
+        assert (sd["model"]["embed.weight"] - sd["model"]["lm_head.weight"]).abs().max() > 1e-6
     # the sharded moments, gathered (the untied embedding's too); their gradients carry the banks' rounding noise
     # (up to 3.1e-3 seen outside the gates)
     for name, sa, sb in zip(adam_names, a["adam"], b["adam"]):
@@ -592,7 +613,8 @@ def test_an_encoding_that_cannot_load_is_refused_first(tmp_path, gpt_files, monk
 # ---------------------------------------------------------------------------------------------- command line
 
 def test_help_shows_the_record_schedule(capsys):
-    with pytest.raises(SystemExit) as e: tg.parse_args(["--help"])
+    with pytest.raises(SystemExit) as e:
+        tg.parse_args(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0
     for flag in ("--num_iterations=1285", "--num_extension_iterations=15", "--train_batch_size=131072,262144,393216",

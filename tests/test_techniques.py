@@ -18,7 +18,7 @@ SMALL = ["--prefix_weight=0", "--bigram_vocab_size=1024", "--num_layers=4", "--m
 # ---------------------------------------------------------------------------------------------- LR schedules
 
 def schedule_ref(kind, s, S=1000, W=100, f=0.1, c=0.5, warmup_type="log"):
-    """The issue's formulas, one branch per schedule (wsd: record #89's cooldown from the stage multiplier 1)."""
+    """Each schedule's formula written out, one branch per schedule (wsd: record #89's cooldown from the stage multiplier 1)."""
     if kind == "wsd":
         start = int(S * (1 - c))
         t = 0.0 if s < start else min(1.0, (s - start) / (S - start))
@@ -28,7 +28,8 @@ def schedule_ref(kind, s, S=1000, W=100, f=0.1, c=0.5, warmup_type="log"):
     if kind == "noam":
         return max(f, math.sqrt(W) * min(1 / math.sqrt(s + 1), (s + 1) / W ** 1.5))
     if kind in ("warmup", "warmup_decay"):
-        if s < W: return f + (1 - f) * (math.log(s + 1) / math.log(W) if warmup_type == "log" else s / W)
+        if s < W:
+            return f + (1 - f) * (math.log(s + 1) / math.log(W) if warmup_type == "log" else s / W)
         return 1.0 if kind == "warmup" else f + (1 - f) * max(0.0, (S - s) / max(1, S - W))
     assert kind == "constant"
     return 1.0
@@ -100,7 +101,8 @@ def normuon_first_step_ref(p, g, lr, lam, mode, mu, beta2, lr_muls):
     """One NorMuon step from zero state in fp64 on a bank [n, rows, cols], identity orthogonalization; the decay per
     mode."""
     p, g = p.double(), g.double()
-    if mode == "l2": g = g + lam * p  # L2: the gradient of lam/2 |p|^2 joins the loss gradient
+    if mode == "l2":
+        g = g + lam * p  # L2: the gradient of lam/2 |p|^2 joins the loss gradient
     u = (1 - mu) * g + mu * ((1 - mu) * g)  # Nesterov with the momentum after its first update
     rows, cols = p.shape[-2:]
     outs = []
@@ -145,7 +147,8 @@ def test_normuon_decay_modes_against_reference(wd_mult):
 
 def adam_first_step_ref(p, g, lr, lam, mode, b1=0.65, b2=0.95, eps=1e-8):
     p, g = p.double(), g.double()
-    if mode == "l2": g = g + lam * p
+    if mode == "l2":
+        g = g + lam * p
     # t = 1, bias-corrected
     upd = lr * ((1 - b1) * g / (1 - b1)) / (((1 - b2) * g ** 2 / (1 - b2)).sqrt() + eps / math.sqrt(1 - b2))
     mask = {"cautious": (upd * p > 0).double(), "decoupled": torch.ones_like(p), "l2": torch.zeros_like(p),
@@ -194,8 +197,10 @@ def test_ema_and_average_hand_values(gpt_files):
     assert all(torch.equal(e, p) for e, p in zip(trainer.ema, params))  # the shadow starts at the weights
     def fill(v):
         with torch.no_grad():
-            for p in params: p.fill_(v)
-    for e in trainer.ema: e.fill_(1.0)
+            for p in params:
+                p.fill_(v)
+    for e in trainer.ema:
+        e.fill_(1.0)
     fill(2.0)
     trainer.update_ema(0)   # decay min(0.9, 1/10) = 0.1: 0.1 * 1 + 0.9 * 2
     assert all(torch.allclose(e, torch.full_like(e, 1.9)) for e in trainer.ema)
@@ -206,7 +211,8 @@ def test_ema_and_average_hand_values(gpt_files):
     trainer.update_ema(500)  # decay 0.9 (501/510 > 0.9)
     assert all(torch.allclose(e, torch.full_like(e, 0.9 * (2 * 1.9 + 9 * 4) / 11)) for e in trainer.ema)
     h.ema_warmup = False
-    for e in trainer.ema: e.fill_(1.0)
+    for e in trainer.ema:
+        e.fill_(1.0)
     fill(2.0)
     trainer.update_ema(0)   # decay 0.9 from the start
     assert all(torch.allclose(e, torch.full_like(e, 1.1)) for e in trainer.ema)
@@ -230,14 +236,16 @@ def test_evaluating_other_weights_restores_the_live_ones(gpt_files):
     trainer, val = tg.Trainer(h, 0, 1, torch.device("cpu")), tg.load_val(h)
     torch.manual_seed(5)
     with torch.no_grad():
-        for p in trainer.model.parameters(): p.add_(torch.randn_like(p) * 0.05)
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     live, live_loss = [p.detach().clone() for p in trainer.model.parameters()], trainer.evaluate(0, val)
     other = [p + torch.randn_like(p) * 0.05 for p in live]
     loss = trainer.evaluate_weights(0, val, other)
     assert (all(same_bits(p.detach(), q) for p, q in zip(trainer.model.parameters(), live))
             and trainer.evaluate(0, val) == live_loss)
     with torch.no_grad():
-        for p, w in zip(trainer.model.parameters(), other): p.copy_(w)
+        for p, w in zip(trainer.model.parameters(), other):
+            p.copy_(w)
     assert loss == trainer.evaluate(0, val) and abs(loss - live_loss) > 1e-3
 
 # ---------------------------------------------------------------------------------------------- tiny runs
@@ -283,13 +291,15 @@ def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
         d = min(0.9, (1 + t) / (10 + t))
         shadow = {n: d * shadow[n] + (1 - d) * w[t + 1][n] for n in names}
     final = torch.load(tmp_path / "logs/tech/state_step000004.pt", weights_only=False)
-    for n, e in zip(names, final["ema"]): assert torch.allclose(e.double(), shadow[n], rtol=1e-5, atol=1e-6), n
+    for n, e in zip(names, final["ema"]):
+        assert torch.allclose(e.double(), shadow[n], rtol=1e-5, atol=1e-6), n
     avg = torch.load(tmp_path / "logs/tech/average_step000004.pt", weights_only=False)
     assert avg["steps"] == [2, 3, 4] and [s for s, _ in final["snapshots"]] == [2, 3, 4]
     for n in names:
         assert torch.allclose(avg["model"][n].double(), (w[2][n] + w[3][n] + w[4][n]) / 3, rtol=1e-6, atol=1e-7), n
     # the logged losses and norms of the final line, recomputed from those weights
-    for s in range(4): trainer.model.rotary.set_window(trainer.schedule.at(s).windows[1])  # YaRN state after training
+    for s in range(4):
+        trainer.model.rotary.set_window(trainer.schedule.at(s).windows[1])  # YaRN state after training
     val = tg.load_val(h)
     for key, weights in [("val_loss", w[4]), ("ema_val_loss", shadow), ("avg_val_loss", avg["model"])]:
         loss = trainer.evaluate_weights(4, val, [weights[n].float() for n in names])
@@ -297,7 +307,8 @@ def test_tiny_run_logs_ema_average_and_weight_norms(tmp_path, gpt_files):
     assert {group_of(n) for n in names} == set(groups)  # each group holds parameters
     sq = {g: sum(float((w[4][n] ** 2).sum()) for n in names if group_of(n) == g) for g in groups}
     assert float(fields[-1]["wnorm"]) == pytest.approx(math.sqrt(sum(sq.values())), abs=6e-3)
-    for g in groups: assert float(fields[-1][f"wnorm_{g}"]) == pytest.approx(math.sqrt(sq[g]), abs=6e-3), g
+    for g in groups:
+        assert float(fields[-1][f"wnorm_{g}"]) == pytest.approx(math.sqrt(sq[g]), abs=6e-3), g
 
 def test_readme_snapshot_memory_is_the_record_models():
     """The README's --average_last figure, from the record model's parameters counted on the meta device."""
@@ -306,11 +317,12 @@ def test_readme_snapshot_memory_is_the_record_models():
     counts = {dtype: sum(p.numel() for p in model.parameters() if p.dtype == dtype)
               for dtype in (torch.bfloat16, torch.float32)}
     assert sum(counts.values()) == sum(p.numel() for p in model.parameters())  # no third dtype
-    snapshot = 2 * counts[torch.bfloat16] + 4 * counts[torch.float32]
+    bf16, fp32 = counts[torch.bfloat16], counts[torch.float32]
+    snapshot = 2 * bf16 + 4 * fp32
     readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
     assert (f"record model's {sum(counts.values()) / 1e6:.1f} M parameters are {counts[torch.bfloat16] / 1e6:.1f} M in "
             f"bf16 (2 bytes) and the {counts[torch.float32] / 1e6:.1f} M of the fp32 NorMuon banks (4 bytes), "
-            f"{2 * counts[torch.bfloat16] / 1e9:.2f} + {4 * counts[torch.float32] / 1e9:.2f} = {snapshot / 1e9:.2f} GB, "
+            f"{2 * bf16 / 1e9:.2f} + {4 * fp32 / 1e9:.2f} = {snapshot / 1e9:.2f} GB, "
             f"so 8 snapshots take about {8 * snapshot / 1e9:.1f} GB") in readme
 
 @pytest.mark.parametrize("mode", ["l2", "none"])  # cautious and decoupled run in the tests above
