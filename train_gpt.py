@@ -84,7 +84,8 @@ class Hyperparameters:
 BOS, BLOCK = 50256, 128
 MAGIC, VERSION = 20240520, 1
 
-class UserError(Exception): pass
+class UserError(Exception):
+    """A mistake in the flags or the files: main prints its one line and exits."""
 
 # cpu: a 4-layer, 64-wide model on data/synthetic.py's toy language, 1,024 tokens a step, eager, no tiktoken download
 # (no prefix loss): the README's CPU smoke run, a few minutes on 2 cores. Not a record size: it shows the script works.
@@ -108,9 +109,12 @@ def parse_args(argv, cls=Hyperparameters):
         width, lines = max(map(len, flags.values())), []
         for line in inspect.getsource(cls).splitlines()[2:]:
             field, more = re.match(r" +(\w+): \w+ = .*?# (.*)$", line), re.match(r" +#\s{2,}(.*)$", line)
-            if field: lines.append(f"  {flags[field[1]]:<{width}}  {field[2]}")
-            elif more and lines: lines[-1] += " " + more[1]
-            elif line.strip().startswith("#"): lines.append("  " + line.strip())
+            if field:
+                lines.append(f"  {flags[field[1]]:<{width}}  {field[2]}")
+            elif more and lines:
+                lines[-1] += " " + more[1]
+            elif line.strip().startswith("#"):
+                lines.append("  " + line.strip())
         print("usage: train_gpt.py [--name=value | --name value ...]\n" + "\n".join(lines))
         sys.exit(0)
     i, given = 0, set()
@@ -121,16 +125,20 @@ def parse_args(argv, cls=Hyperparameters):
         if not a.startswith("--") or name not in fields:
             raise UserError(f"unknown argument {a!r} (see --help for the hyperparameters)")
         if not eq:
-            if i == len(argv): raise UserError(f"--{name} needs a value")
+            if i == len(argv):
+                raise UserError(f"--{name} needs a value")
             val = argv[i]
             i += 1
         default = getattr(h, name)
         try:
             if isinstance(default, bool):
-                if val.lower() not in ("0", "1", "true", "false"): raise ValueError
+                if val.lower() not in ("0", "1", "true", "false"):
+                    raise ValueError
                 val = val.lower() in ("1", "true")
-            elif isinstance(default, tuple): val = tuple(type(default[0])(v) for v in val.split(","))
-            else: val = type(default)(val)
+            elif isinstance(default, tuple):
+                val = tuple(type(default[0])(v) for v in val.split(","))
+            else:
+                val = type(default)(val)
         except ValueError:
             kind = type(default).__name__
             if isinstance(default, tuple):
@@ -141,7 +149,8 @@ def parse_args(argv, cls=Hyperparameters):
     if h.preset and h.preset not in PRESETS:
         raise UserError(f"--preset={h.preset}: unknown; the presets are {', '.join(PRESETS)}")
     for name, val in PRESETS.get(h.preset, {}).items():  # the preset's defaults under the flags given
-        if name not in given: setattr(h, name, val)
+        if name not in given:
+            setattr(h, name, val)
     return h
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,11 +166,15 @@ def lr_schedule(step, h, stage_lr=1.0):
     warm = min(1.0, (step + 1) / W) if W > 0 else 1.0
     if h.lr_schedule == "cosine":
         m = (s + 1) / W if s < W else f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(1, (s - W) / (S - W))))
-    elif h.lr_schedule == "noam": m = max(f, W ** 0.5 * min((s + 1) ** -0.5, (s + 1) * W ** -1.5))
-    elif h.lr_schedule == "constant": m = 1.0
+    elif h.lr_schedule == "noam":
+        m = max(f, W ** 0.5 * min((s + 1) ** -0.5, (s + 1) * W ** -1.5))
+    elif h.lr_schedule == "constant":
+        m = 1.0
     elif h.lr_schedule in ("warmup", "warmup_decay"):  # DeepSpeed WarmupLR / WarmupDecayLR
-        if s < W: m = f + (1 - f) * (math.log(s + 1) / math.log(W) if h.warmup_type == "log" else s / W)
-        else: m = 1.0 if h.lr_schedule == "warmup" else f + (1 - f) * max(0, (S - s) / max(1, S - W))
+        if s < W:
+            m = f + (1 - f) * (math.log(s + 1) / math.log(W) if h.warmup_type == "log" else s / W)
+        else:
+            m = 1.0 if h.lr_schedule == "warmup" else f + (1 - f) * max(0, (S - s) / max(1, S - W))
     else:  # wsd, the record: the stage's multiplier, then linearly to f (absolute) over the cooldown
         start = int(S * (1 - h.cooldown_frac))
         t = min(1.0, (step - start) / max(1, S - start)) if step >= start else 0.0
@@ -183,8 +196,10 @@ def stage_weights(spec, n, flag):
     stages = []
     for part in spec.split("/"):
         ends = part.split(">")
-        try: start, end = ([float(v) for v in e.split(",")] for e in (ends[0], ends[-1]))
-        except ValueError: start = end = []
+        try:
+            start, end = ([float(v) for v in e.split(",")] for e in (ends[0], ends[-1]))
+        except ValueError:
+            start = end = []
         if len(ends) > 2 or not start or len(start) != len(end):
             raise UserError(f"--{flag}={spec}: give per stage 'w1,w2,...' or 'start>end' lists, stages split by '/'")
         if not all(map(math.isfinite, start + end)):
@@ -192,7 +207,8 @@ def stage_weights(spec, n, flag):
         if min(start + end) < 0:
             raise UserError(f"--{flag}={spec}: the weights must be >= 0 (a negative one ascends its loss)")
         stages.append((start, end))
-    if len(stages) not in (1, n): raise UserError(f"--{flag}={spec}: {len(stages)} stages, the schedule has {n}")
+    if len(stages) not in (1, n):
+        raise UserError(f"--{flag}={spec}: {len(stages)} stages, the schedule has {n}")
     return stages * n if len(stages) == 1 else stages
 
 class Plan(NamedTuple):  # what one step (or the final validation) runs with
@@ -225,7 +241,8 @@ class Schedule:
                                    (short, long), lr_schedule(step, h, per_stage(h.stage_lr, k)),
                                    tuple(a + (b - a) * t for a, b in zip(m0, m1)), p0[0] + (p1[0] - p0[0]) * t))
 
-    def at(self, step): return self.plans[step]
+    def at(self, step):
+        return self.plans[step]
 
 # ----------------------------------------------------------------------------------------------------
 # Polar Express orthogonalization (5 minimax quintics, bf16) and the FP8 head
@@ -241,7 +258,8 @@ def polar_express(G: Tensor) -> Tensor:
     accumulated in fp32 and rounded to bf16 once: A = X X^T, B = b A + c A A, X <- a X + B X."""
     X = G.bfloat16()
     tall = G.size(-2) > G.size(-1)
-    if tall: X = X.mT
+    if tall:
+        X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     X = X.reshape(-1, *X.shape[-2:])
     for a, b, c in POLAR_EXPRESS:
@@ -377,9 +395,11 @@ def make_masks(inputs: Tensor, windows, flex: bool, paired=False):
     """One attention mask per window (in 128-token blocks): a FlexAttention BlockMask, or its portable twin. paired:
     for the interleaved stream of paired heads (two positions a token, the window counted in positions)."""
     docs = (inputs == BOS).cumsum(0)
-    if paired: docs = docs.repeat_interleave(2)
+    if paired:
+        docs = docs.repeat_interleave(2)
     T = docs.numel()
-    if not flex: return [BlockwiseMask(docs, ws) for ws in windows]
+    if not flex:
+        return [BlockwiseMask(docs, ws) for ws in windows]
     blk = torch.arange(T // BLOCK, device=inputs.device)
     lo, hi = docs[0::BLOCK], docs[BLOCK - 1::BLOCK]
     dist_ = blk[:, None] - blk[None, :]  # q block minus kv block
@@ -398,7 +418,8 @@ def make_masks(inputs: Tensor, windows, flex: bool, paired=False):
 
 def attend(q, k, v, mask, scale):  # [B, T, H, D] in and out
     q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # compiled flex on strided q/k was seen wrong
-    if isinstance(mask, BlockMask): return flex_attention(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
     # portable twin, memory linear in T: each query block sees the window's key blocks (at most window + 1) densely
     T, mask_mod, out = q.size(2), doc_causal_window(mask.docs, mask.window * BLOCK), []
     pos = torch.arange(T, device=q.device)
@@ -455,7 +476,8 @@ def training_loss(z, targets, mtp, prefix_targets, prefix, across_docs=True):
     cols, weights = [], []  # one gather for all terms: each row's target columns and their weights
     for k in range(K):
         valid = torch.arange(T, device=z.device) < T - k
-        if not across_docs and k: valid = valid & (F.pad(bos_seen[k:T], (0, k)) == bos_seen[:T])
+        if not across_docs and k:
+            valid = valid & (F.pad(bos_seen[k:T], (0, k)) == bos_seen[:T])
         cols.append(F.pad(targets[k:], (0, k)))
         weights.append(mtp[k] * valid)
     cols.append(prefix_targets.clamp_min(0))
@@ -478,13 +500,52 @@ def bigram_index(tokens, rows):
         out[1:] = np.bitwise_xor(np.int32(36313) * t[1:], np.int32(27191) * prev) % np.int32(rows - 1)
     return out
 
-# Record #89's 11 layers by index r: what each has. A model of L layers (2 to 11) keeps layers r = i * 10 // (L - 1)
-# (the first and the last always); an input of a layer it does not keep (a cached state, a gate) drops out.
-NO_ATTN, LONG, PAIRED, XSA, ATTN_GATE, VE = {6}, {3, 10}, {0, 2, 5, 9}, {1, 3, 4, 7}, {3, 10}, (1, 2, 8, 9, 10)
-SKIP_FROM, SKIP_TO, SHARED_IN, POST_GATE_AT = 3, 6, 7, 4  # layer 3's output joins at 6; layers after 7 read 7's output
-# The MUDD-gate MLPs' outputs: (XSA strengths, attention gates, x0 and bigram injections) per layer; the pre gate
-# reads x0, the post gate layer 4's input and adds the skip gate and layer 10's DC weights (26 and 41 wide at 6 heads)
-GATE_LAYOUT = (((1, 3), (3,), (0, 1, 2, 3)), ((4, 7), (10,), (4, 5, 7, 8, 9)))
+# Record #89's 11 layers, one row each; a model of L layers (2 to 11) keeps rows r = i * 10 // (L - 1) (the first and
+# the last always), and an input from a row it does not keep (a kept output, a gate) drops out. Columns: attention
+# (the one layer without it adds the skip instead), its window (the short one is half the long), paired heads, which
+# MUDD-gate MLP (pre: reads x0; post: reads layer 4's input) gives the XSA strength, the attention output gate and the
+# x0 and bigram injection weights, a value-embedding table, and the output kept: "skip" joins at the layer without
+# attention, "shared" is every later layer's attention input; both are MUDD sources. The last row also has DC
+# attention and the MUDD mixes, which read layer 0's input, layer 1's value embedding and its own input (forward).
+LAYER_ROLES = """
+r   attention  window  paired  xsa   attn_gate  inject  value_embed  keep
+0   yes        short   yes     -     -          pre     -            -
+1   yes        short   -       pre   -          pre     yes          -
+2   yes        short   yes     -     -          pre     yes          -
+3   yes        long    -       pre   pre        pre     -            skip
+4   yes        short   -       post  -          post    -            -
+5   yes        short   yes     -     -          post    -            -
+6   -          -       -       -     -          -       -            -
+7   yes        short   -       post  -          post    -            shared
+8   yes        short   -       -     -          post    yes          -
+9   yes        short   yes     -     -          post    yes          -
+10  yes        long    -       -     post       -       yes          -
+"""
+ROLE_NAMES, *ROLE_ROWS = (line.split() for line in LAYER_ROLES.strip().splitlines())
+ROLES = [dict(zip(ROLE_NAMES, row), r=int(row[0])) for row in ROLE_ROWS]
+NO_ATTN = {row["r"] for row in ROLES if row["attention"] == "-"}
+LONG = {row["r"] for row in ROLES if row["window"] == "long"}
+PAIRED = {row["r"] for row in ROLES if row["paired"] == "yes"}
+VE = tuple(row["r"] for row in ROLES if row["value_embed"] == "yes")
+SKIP_FROM, SHARED_IN = (next(row["r"] for row in ROLES if row["keep"] == kept) for kept in ("skip", "shared"))
+POST_GATE_AT = min(row["r"] for row in ROLES if "post" in row.values())  # the post gate is computed at its input
+
+def gate_slices(H, gate):
+    """The output layout of MUDD-gate MLP gate (0: pre, 1: post) at H heads: {kind: {record layer: slice}} for the
+    XSA strengths and attention gates (H each), then the x0 and bigram injection weights (interleaved, 1 each); the
+    post gate adds the skip gate (1) and the DC weights w1 and w2 (H each). Returns (slices, width)."""
+    name, slices, width = ("pre", "post")[gate], {"xsa": {}, "attn": {}, "x0": {}, "bigram": {}}, 0
+    for kinds, column, size in ((("xsa",), "xsa", H), (("attn",), "attn_gate", H), (("x0", "bigram"), "inject", 1)):
+        for row in ROLES:
+            if row[column] == name:
+                for kind in kinds:
+                    slices[kind][row["r"]] = slice(width, width + size)
+                    width += size
+    if gate:
+        slices.update(skip=slice(width, width + 1), dc_w1=slice(width + 1, width + 1 + H))
+        slices.update(dc_w2=slice(width + 1 + H, width + 1 + 2 * H))
+        width += 1 + 2 * H
+    return slices, width
 
 def record_layers(L):
     return [i * 10 // (L - 1) for i in range(L)]
@@ -533,21 +594,24 @@ class GPT(nn.Module):
         with torch.no_grad():
             self.mudd_b2[0, 6:14] = torch.tensor([2.0, 2.0, 1.1 ** 0.5, 1.0, 0.0, 0.05, 1.1 ** 0.5, 1.0]) / 0.1
             self.mudd_b2[1, 1] = -0.5 / 0.1  # the backout of layer 7's output
-        n_gate = 5 * H + 11
+        self.gate_layout = [gate_slices(H, gate) for gate in range(2)]
+        n_gate = max(width for _, width in self.gate_layout)
         self.mudd_gate_w1 = nn.Parameter(torch.stack([nn.init.kaiming_uniform_(torch.empty(64, D), a=5 ** 0.5)
                                                       for _ in range(2)]))
         self.mudd_gate_w2 = nn.Parameter(torch.zeros(2, n_gate, 64))
         self.mudd_gate_b2 = nn.Parameter(torch.zeros(2, n_gate))
         self.mudd_gate_scale = nn.Parameter(torch.tensor(0.1))
         with torch.no_grad():
-            for j, (_, _, inject) in enumerate(GATE_LAYOUT):  # attention gates 0.25, bigram 0.05 (x0 0)
-                self.mudd_gate_b2[j, 2 * H:3 * H] = 0.25 / 0.1
-                self.mudd_gate_b2[j, 3 * H + 1:3 * H + 2 * len(inject):2] = 0.05 / 0.1
-            self.mudd_gate_b2[1, 3 * H + 10] = 0.5 / 0.1  # skip gate
-            self.mudd_gate_b2[1, 3 * H + 11:4 * H + 11] = 1.0 / 0.1  # DC w1 (w2 starts at 0)
+            for gate, (slices, _) in enumerate(self.gate_layout):  # attention gates 0.25, bigram 0.05 (x0 0)
+                for kind, bias in (("attn", 0.25), ("bigram", 0.05)):
+                    for at in slices[kind].values():
+                        self.mudd_gate_b2[gate, at] = bias / 0.1
+            self.mudd_gate_b2[1, slices["skip"]] = 0.5 / 0.1
+            self.mudd_gate_b2[1, slices["dc_w1"]] = 1.0 / 0.1  # (w2 starts at 0)
         small = (self.embed, self.smear_gate, self.lm_head, self.bigram_embed)  # stored in the compute dtype, as the
         for m in small:  # record; the banks (NorMuon) and the lambdas stay fp32
-            if m is not None: m.to(dtype)
+            if m is not None:
+                m.to(dtype)
         for p in (self.value_embeds, self.ve_gate_bank, self.mudd_w1, self.mudd_w2, self.mudd_b2, self.mudd_gate_w1,
                   self.mudd_gate_w2, self.mudd_gate_b2):
             p.data = p.data.to(dtype)
@@ -556,15 +620,13 @@ class GPT(nn.Module):
         """MUDD-gate MLP j (0: pre, 1: post) at x [1, T, D] into out: per record layer, XSA strengths and attention
         gates [1, T, H], x0 and bigram injection weights [1, T, 1]; the post gate also the skip gate and the DC
         weights (w1, w2)."""
-        H, (xsa_at, gate_at, inject_at) = self.num_heads, GATE_LAYOUT[j]
-        n = 3 * H + 2 * len(inject_at) + (1 + 2 * H) * j
+        slices, n = self.gate_layout[j]
         g = F.linear(F.gelu(F.linear(x, self.mudd_gate_w1[j])), self.mudd_gate_w2[j, :n]) + self.mudd_gate_b2[j, :n]
         g = g * self.mudd_gate_scale.type_as(g)
-        out["xsa"].update({r: g[..., k * H:(k + 1) * H] for k, r in enumerate(xsa_at)})
-        out["attn"].update({r: g[..., (2 + k) * H:(3 + k) * H] for k, r in enumerate(gate_at)})
-        out["x0"].update({r: g[..., 3 * H + 2 * k:3 * H + 2 * k + 1] for k, r in enumerate(inject_at)})
-        out["bigram"].update({r: g[..., 3 * H + 2 * k + 1:3 * H + 2 * k + 2] for k, r in enumerate(inject_at)})
-        if j: out.update(skip=g[..., 3 * H + 10:3 * H + 11], dc=(g[..., 3 * H + 11:4 * H + 11], g[..., 4 * H + 11:]))
+        for kind in ("xsa", "attn", "x0", "bigram"):
+            out[kind].update({r: g[..., at] for r, at in slices[kind].items()})
+        if j:
+            out.update(skip=g[..., slices["skip"]], dc=(g[..., slices["dc_w1"]], g[..., slices["dc_w2"]]))
 
     def mudd(self, x, j, n):  # MUDD MLP j: n per-token coefficients [1, T, 1]
         z = F.linear(F.gelu(F.linear(x, self.mudd_w1[j])), self.mudd_w2[j, :n]) + self.mudd_b2[j, :n]
@@ -581,13 +643,18 @@ class GPT(nn.Module):
         q, k = rotary(q, paired), rotary(k, paired)
         if paired:  # one stream of 2T positions per pair of heads j and j + H/2: token t's heads at 2t and 2t + 1
             q, k, v = (t.reshape(B, 2 * T, H // 2, D // H) for t in (q, k, v))
-        elif r in LONG: k = key_offset(k)
-        if aux_v is not None: v = v + aux_v.view_as(v)
+        elif r in LONG:
+            k = key_offset(k)
+        if aux_v is not None:
+            v = v + aux_v.view_as(v)
         y = attend(q, k, v, mask, rotary.attn_scale)
-        if dc is not None: y = y + dc_attention(q, k, v, *dc, docs, rotary.attn_scale, self.dc_window)
+        if dc is not None:
+            y = y + dc_attention(q, k, v, *dc, docs, rotary.attn_scale, self.dc_window)
         y = y.reshape(B, T, H, D // H)
-        if xsa_alpha is not None and not paired: y = xsa(y, v, xsa_alpha)
-        if gate is not None: y = y * gate.unsqueeze(-1)
+        if xsa_alpha is not None and not paired:
+            y = xsa(y, v, xsa_alpha)
+        if gate is not None:
+            y = y * gate.unsqueeze(-1)
         return F.linear(y.reshape(B, T, D), sa[1] * self.vo_bank[2 * a + 1].type_as(y))
 
     def mlp(self, x, i):
@@ -614,10 +681,12 @@ class GPT(nn.Module):
         x = x0 + bigram * g["bigram"][0]
         cache = {0: x}  # record layer -> its output (0: the input of layer 0)
         for i, r in enumerate(self.rec):
-            if "skip" not in g and r >= POST_GATE_AT: self.gates(x, 1, g)
+            if "skip" not in g and r >= POST_GATE_AT:
+                self.gates(x, 1, g)
             last = i == L - 1
             if r in NO_ATTN:
-                if SKIP_FROM in cache: x = x + torch.sigmoid(skip_w) * g["skip"] * cache[SKIP_FROM]
+                if SKIP_FROM in cache:
+                    x = x + torch.sigmoid(skip_w) * g["skip"] * cache[SKIP_FROM]
             else:
                 attn_in = norm(cache.get(SHARED_IN, x))
                 aux_v = None
@@ -635,13 +704,16 @@ class GPT(nn.Module):
                     aux_v = (ve_gate.unsqueeze(-1) * ve[r].view(1, -1, H, hd)).flatten(2)
                 y = self.attention(attn_in, i, r, masks[i], aux_v, g["xsa"].get(r), g["attn"].get(r),
                                    g["dc"] if last else None, docs)
-                if last: x = mu[8] * x + mu[9] * y + mu[10] * cache[0] + mu[11] * bigram
+                if last:
+                    x = mu[8] * x + mu[9] * y + mu[10] * cache[0] + mu[11] * bigram
                 else:
                     x = resid[i, 0] * x + post[i, 0] * y + x0 * g["x0"][r]
-                    if i: x = x + bigram * g["bigram"][r]
+                    if i:
+                        x = x + bigram * g["bigram"][r]
             y = self.mlp(norm(x), i)
             x = mu[12] * x + mu[13] * y if last else resid[i, 1] * x + post[i, 1] * y
-            if r in (SKIP_FROM, SHARED_IN): cache[r] = x
+            if r in (SKIP_FROM, SHARED_IN):
+                cache[r] = x
         mu = self.mudd(x, 1, 5)  # after the loop: the saved states, layer 1's value embedding, backout folded in
         saved = (cache[0], cache.get(SHARED_IN), cache["last_in"], ve.get(1, None), cache.get(SKIP_FROM))
         x = x + sum(m * s for m, s in zip(mu, saved) if s is not None)
@@ -668,10 +740,13 @@ class GPT(nn.Module):
         count pairs in their doubled stream at half the width; DC, one attention with its window."""
         D, total = self.qk_bank.size(-1), 0
         for r in self.rec:
-            if r in NO_ATTN: continue
+            if r in NO_ATTN:
+                continue
             w = windows[r in LONG] * BLOCK
-            if r in PAIRED: total += 6 * D * sum(attention_pairs(2 * np.asarray(n), w) for n in lengths)
-            else: total += 12 * D * sum(attention_pairs(n, w) for n in lengths)
+            if r in PAIRED:
+                total += 6 * D * sum(attention_pairs(2 * np.asarray(n), w) for n in lengths)
+            else:
+                total += 12 * D * sum(attention_pairs(n, w) for n in lengths)
         return total + 12 * D * sum(attention_pairs(n, self.dc_window - 1) for n in lengths)
 
 def matmul_params_per_token(h):
@@ -682,10 +757,12 @@ def matmul_params_per_token(h):
 # Optimizers: gradients are reduce-scattered inside step(), each rank updates its shard, results are all-gathered
 
 class Comm:
-    def __init__(self, rank, world): self.rank, self.world = rank, world
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
 
     def reduce_scatter(self, full):  # sum over ranks of full [world * k, ...] -> this rank's [k, ...]
-        if self.world == 1: return full, None
+        if self.world == 1:
+            return full, None
         out = full.new_empty(full.size(0) // self.world, *full.shape[1:])
         return out, dist.reduce_scatter_tensor(out, full, async_op=True)
 
@@ -702,7 +779,8 @@ def decay_rate(u, p, wd, mode, strict=False):
     """Weight decay of each entry of p, whose update u gets subtracted: cautious = wd only where u
     already shrinks |p| (u * p >= 0; > 0 when strict, as the record's Adam), decoupled = wd everywhere, l2 (its
     wd * p joined the gradient) and none = 0."""
-    if mode == "cautious" and wd != 0: return wd * ((u * p > 0) if strict else (u * p >= 0))
+    if mode == "cautious" and wd != 0:
+        return wd * ((u * p > 0) if strict else (u * p >= 0))
     return wd if mode == "decoupled" else 0.0
 
 class NorMuon:
@@ -732,10 +810,12 @@ class NorMuon:
         rs = [self.comm.reduce_scatter(padded(g["p"].grad, g["k"] * world)) for g in self.groups]
         gathers = []
         for g, (grad, work) in zip(self.groups, rs):
-            if work is not None: work.wait()
+            if work is not None:
+                work.wait()
             k = g["k"]
             P = padded(g["p"].view(g["n"], *g["mom"].shape[1:])[r * k:(r + 1) * k], k)
-            if self.wd_mode == "l2": grad = grad + wd * P
+            if self.wd_mode == "l2":
+                grad = grad + wd * P
             g["mom"].lerp_(grad, 1 - momentum)
             U = grad.lerp(g["mom"], momentum)  # Nesterov
             O = self.ortho(U).float()
@@ -747,7 +827,8 @@ class NorMuon:
             new = torch.empty(k * world, *P.shape[1:], dtype=P.dtype, device=P.device)
             gathers.append((g, new, self.comm.all_gather(new, (P - lr * g["lr_mul"].view(-1, 1, 1) * O).to(P.dtype))))
         for g, new, work in gathers:
-            if work is not None: work.wait()
+            if work is not None:
+                work.wait()
             g["p"].view(g["n"], *new.shape[1:]).copy_(new[:g["n"]])
 
     def state(self):  # this rank's shards
@@ -788,7 +869,8 @@ class DistAdam:
         gathers = []
         for i in todo:
             g, work = rs[i]
-            if work is not None: work.wait()
+            if work is not None:
+                work.wait()
             p, m, v, ((b1, b2), lr_mul, wd_mul) = self.params[i], self.m[i], self.v[i], self.cfg[i]
             self.t[i] += 1
             t = self.t[i]
@@ -796,15 +878,19 @@ class DistAdam:
             wd = (self.lr * lr_mul * (lr_mult if wd_mult is None else wd_mult)) ** 2 * self.weight_decay * wd_mul
             shard = p[self.comm.rank * m.size(0):(self.comm.rank + 1) * m.size(0)] if self.sharded[i] else p
             g, P = g.float(), shard.float()
-            if self.wd_mode == "l2": g = g + wd * P
+            if self.wd_mode == "l2":
+                g = g + wd * P
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             upd = m / (v.sqrt() + self.eps) * (lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t))
             new = (P * (1 - decay_rate(upd, P, wd, self.wd_mode, strict=True)) - upd).to(p.dtype)
-            if self.sharded[i]: gathers.append(self.comm.all_gather(p, new))
-            else: p.copy_(new)
+            if self.sharded[i]:
+                gathers.append(self.comm.all_gather(p, new))
+            else:
+                p.copy_(new)
         for work in gathers:
-            if work is not None: work.wait()
+            if work is not None:
+                work.wait()
 
     def copy_state(self, src, dst):  # the untie: dst continues with src's moments and step count
         i, j = (next(k for k, p in enumerate(self.params) if p is q) for q in (src, dst))
@@ -820,8 +906,10 @@ class DistAdam:
 
 def read_header(path):
     try:
-        with open(path, "rb") as f: header = np.frombuffer(f.read(1024), dtype="<i4")
-    except OSError as e: raise UserError(f"{path}: cannot read ({e.strerror})")
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(1024), dtype="<i4")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})")
     if header.size != 256 or header[0] != MAGIC or header[1] != VERSION:
         raise UserError(f"{path}: not a token shard (bad magic/version in the header); re-download or re-tokenize it")
     n, size = int(header[2]), os.path.getsize(path)
@@ -851,7 +939,8 @@ def take_slots(tokens, bos, ptr, n_slots, slot_len, max_seq):
     for _ in range(n_slots):
         starts, ends, need = [], [], slot_len + 1
         while need > 0:
-            if ptr >= len(bos): return None
+            if ptr >= len(bos):
+                return None
             st = bos[ptr]
             en = min(bos[ptr + 1] if ptr + 1 < len(bos) else len(tokens), st + max_seq, st + need)
             starts.append(st)
@@ -879,8 +968,10 @@ class TrainLoader:
         self._thread.start()
 
     def _safe_load(self, idx):
-        try: return load_shard(self.files[idx], self.h.vocab_size)
-        except UserError as e: return e
+        try:
+            return load_shard(self.files[idx], self.h.vocab_size)
+        except UserError as e:
+            return e
 
     def _advance(self):
         if self.file_idx + 1 == len(self.files):
@@ -889,7 +980,8 @@ class TrainLoader:
                                 "--repeat_data=1")
             self.epoch += 1
         self._thread.join()
-        if isinstance(self._next[0], UserError): raise self._next[0]
+        if isinstance(self._next[0], UserError):
+            raise self._next[0]
         self.file_idx, self.ptr = (self.file_idx + 1) % len(self.files), 0
         self._load(self.file_idx, self._next[0])
 
@@ -902,7 +994,8 @@ class TrainLoader:
         slot_len = batch_size // 8
         for shards_tried in range(len(self.files) + 1):
             out = take_slots(self.tokens, self.bos, self.ptr, 8, slot_len, max_seq_len)
-            if out is not None: break
+            if out is not None:
+                break
             if shards_tried == len(self.files):  # each shard tried from its start
                 raise no_step_error(self.h, slot_len, max_seq_len)
             self._advance()
@@ -910,9 +1003,11 @@ class TrainLoader:
         batches, rows = [], self.h.bigram_vocab_size
         for starts, ends in slots[self.rank::self.world]:
             tokens = np.concatenate([self.tokens[s:e] for s, e in zip(starts, ends)]).astype(np.int32)
-            if rows: tokens = np.stack([tokens, np.append(bigram_index(tokens[:-1], rows), 0)])
+            if rows:
+                tokens = np.stack([tokens, np.append(bigram_index(tokens[:-1], rows), 0)])
             buf = torch.from_numpy(tokens)
-            if self.device.type == "cuda": buf = buf.pin_memory()
+            if self.device.type == "cuda":
+                buf = buf.pin_memory()
             buf = buf.to(self.device, non_blocking=True)
             toks = buf[0] if rows else buf
             batches.append((toks[:-1], toks[1:].long(), buf[1, :-1] if rows else None))
@@ -928,11 +1023,13 @@ def check_train_data(h, shapes, file_idx=0, ptr=0):
         tokens = load_shard(files[i], h.vocab_size)
         bos, p = np.flatnonzero(tokens == BOS), ptr if i == file_idx and not h.repeat_data else 0
         if h.repeat_data:
-            for shape in fits: fits[shape] = fits[shape] or take_slots(tokens, bos, 0, 8, *shape) is not None
+            for shape in fits:
+                fits[shape] = fits[shape] or take_slots(tokens, bos, 0, 8, *shape) is not None
             continue
         while found < len(shapes) and (out := take_slots(tokens, bos, p, 8, *shapes[found])) is not None:
             found, p = found + 1, out[1]
-        if found == len(shapes): return
+        if found == len(shapes):
+            return
     if h.repeat_data:
         missing = [shape for shape, ok in fits.items() if not ok]
         if missing:
@@ -956,7 +1053,8 @@ def load_val(h):
     for f in list_files(h.val_files, "val"):
         tokens.append(load_shard(f, h.vocab_size, limit=need))
         need -= tokens[-1].size
-        if need <= 0: break
+        if need <= 0:
+            break
     if need > 0:
         raise UserError(f"val files {h.val_files} hold {h.val_tokens + 1 - need} tokens; --val_tokens={h.val_tokens} "
                         f"needs {h.val_tokens + 1}")
@@ -1026,7 +1124,8 @@ class Trainer:
         torch.manual_seed(h.seed)
         self.model = GPT(h, max_len, compute_dtype(device)).to(device)
         if world > 1:
-            for t in [*self.model.parameters(), *self.model.buffers()]: dist.broadcast(t.data, 0)
+            for t in [*self.model.parameters(), *self.model.buffers()]:
+                dist.broadcast(t.data, 0)
         self.flex = use_flex(device, h.compile)
         self.fwd = torch.compile(self.model, dynamic=False, fullgraph=True) if h.compile else self.model
         m = self.model
@@ -1050,7 +1149,8 @@ class Trainer:
 
     def set_windows(self, step):
         short, long = self.schedule.at(step).windows
-        if step < self.h.num_iterations: self.model.rotary.set_window(long)  # no YaRN for the final validation window
+        if step < self.h.num_iterations:
+            self.model.rotary.set_window(long)  # no YaRN for the final validation window
         return short, long
 
     def train_step(self, step, loader):
@@ -1066,18 +1166,22 @@ class Trainer:
             self.loss_sum += next_token_loss.detach()
         wd = plan.lr if self.h.wd_schedule == "lr" else 1.0  # decay on the LR schedule (the record) or the peak lr
         self.muon.step(plan.lr, muon_momentum(step, self.h), wd)
-        for p in self.muon_params: p.grad = None
+        for p in self.muon_params:
+            p.grad = None
         if step % 2 == 1:  # Adam steps every other step, on gradients accumulated over two steps
             head, embed = self.model.lm_head.weight, self.model.embed.weight
             if self.tied:  # one parameter used twice: the embedding's gradient joins the head's
                 head.grad += embed.grad
             self.adam.step(plan.lr, wd, skip=[embed] if self.tied else [])
-            if self.tied: embed.data.copy_(head.data)
+            if self.tied:
+                embed.data.copy_(head.data)
             if step == self.schedule.untie_step:
                 self.adam.copy_state(head, embed)
                 self.tied = False
-            for p in self.adam_params: p.grad = None
-        if self.ema is not None: self.update_ema(step)
+            for p in self.adam_params:
+                p.grad = None
+        if self.ema is not None:
+            self.update_ema(step)
         return windows, lengths
 
     def kernel_warmup(self, n_steps, log):
@@ -1096,17 +1200,22 @@ class Trainer:
         phase_steps = [sum(i * len(phases) // n_steps == k for i in range(n_steps)) for k in range(len(phases))]
         for k, (step, n) in enumerate(zip(phases, phase_steps)):
             t0 = time.perf_counter()
-            for _ in range(n): self.train_step(step, loader)
+            for _ in range(n):
+                self.train_step(step, loader)
             self.sync()
             plan = self.schedule.at(step)
-            if n: log(f"kernel warmup {k + 1}/{len(phases)}: windows {plan.windows}, {plan.batch_size} tokens, "
-                      f"{len(plan.mtp)} predictions, {n} steps, {time.perf_counter() - t0:.1f}s (untimed)")
+            if n:
+                log(f"kernel warmup {k + 1}/{len(phases)}: windows {plan.windows}, {plan.batch_size} tokens, "
+                    f"{len(plan.mtp)} predictions, {n} steps, {time.perf_counter() - t0:.1f}s (untimed)")
         m.load_state_dict(saved["model"])
         for live, keep in zip(self.muon.state() + self.adam.state(), saved["opt"]):
-            for k in live: live[k].copy_(keep[k])
+            for k in live:
+                live[k].copy_(keep[k])
         self.adam.t, self.ema, self.tied = saved["t"], saved["ema"], tied
-        for p, g in zip(self.adam_params, saved["grads"]): p.grad = g
-        for p in self.muon_params: p.grad = None
+        for p, g in zip(self.adam_params, saved["grads"]):
+            p.grad = g
+        for p in self.muon_params:
+            p.grad = None
         m.rotary.freq, m.rotary.attn_scale, m.rotary.ws = rot
         m.rotary._tables()
         self.loss_sum.copy_(saved["loss"])
@@ -1127,7 +1236,8 @@ class Trainer:
         Collective."""
         total = self.loss_sum.clone()
         self.loss_sum.zero_()
-        if self.world > 1: dist.all_reduce(total)
+        if self.world > 1:
+            dist.all_reduce(total)
         return total.item() / tokens
 
     @torch.no_grad()
@@ -1146,7 +1256,8 @@ class Trainer:
             targets = F.pad(torch.from_numpy(tokens[1:]).to(self.device), (0, pad), value=-100)
             masks = self.model.layer_masks(inputs, windows, self.flex)
             total += self.fwd(inputs, targets, bigram, masks, head_chunk=self.h.val_head_chunk)
-        if self.world > 1: dist.all_reduce(total)
+        if self.world > 1:
+            dist.all_reduce(total)
         return total.item() / self.h.val_tokens
 
     @torch.no_grad()
@@ -1154,22 +1265,26 @@ class Trainer:
         """Val loss with other weights (EMA shadow, checkpoint average) in the model, then the live weights again.
         Collective."""
         live = [p.detach().clone() for p in self.model.parameters()]
-        for p, w in zip(self.model.parameters(), weights): p.copy_(w)
+        for p, w in zip(self.model.parameters(), weights):
+            p.copy_(w)
         loss = self.evaluate(step, val)
-        for p, w in zip(self.model.parameters(), live): p.copy_(w)
+        for p, w in zip(self.model.parameters(), live):
+            p.copy_(w)
         return loss
 
     def val_fields(self, step, val, last):
         """The key:value fields after val_loss: EMA and (at the end) checkpoint-average val losses, weight norms.
         Collective."""
         out = f" ema_val_loss:{self.evaluate_weights(step, val, self.ema):.4f}" if self.ema is not None else ""
-        if last and self.snapshots: out += f" avg_val_loss:{self.evaluate_weights(step, val, self.average()):.4f}"
+        if last and self.snapshots:
+            out += f" avg_val_loss:{self.evaluate_weights(step, val, self.average()):.4f}"
         return out + "".join(f" {k}:{v:.2f}" for k, v in weight_norms(self.model).items())
 
     def state_dict(self):
         """World-size independent: optimizer shards are gathered. Collective: every rank calls it."""
         def gather(t, sharded=True):
-            if self.world == 1 or not sharded: return t.cpu()
+            if self.world == 1 or not sharded:
+                return t.cpu()
             out = t.new_empty(t.size(0) * self.world, *t.shape[1:])
             dist.all_gather_into_tensor(out, t.contiguous())
             return out.cpu()
@@ -1180,7 +1295,8 @@ class Trainer:
                 pending.append(None)
                 continue
             g = p.grad.clone()
-            if self.world > 1: dist.all_reduce(g)
+            if self.world > 1:
+                dist.all_reduce(g)
             pending.append(g.cpu())
         adam = [{k: gather(v, sh) for k, v in s.items()} for s, sh in zip(self.adam.state(), self.adam.sharded)]
         return dict(model={k: v.cpu() for k, v in self.model.state_dict().items()}, muon=muon, adam=adam,
@@ -1203,8 +1319,10 @@ class Trainer:
             p.grad = None if g is None else (g.to(p.device) if self.rank == 0 else torch.zeros_like(p))
         self.tied = sd["tied"]
         if self.ema is not None:  # a checkpoint without a shadow starts it from its weights
-            if sd.get("ema"): self.ema = [t.to(self.device) for t in sd["ema"]]
-            else: self.ema = [p.detach().float().clone() for p in self.model.parameters()]
+            if sd.get("ema"):
+                self.ema = [t.to(self.device) for t in sd["ema"]]
+            else:
+                self.ema = [p.detach().float().clone() for p in self.model.parameters()]
         self.snapshots = sd.get("snapshots", [])[-self.h.average_last:] if self.h.average_last else []
 
 def weight_norms(model):
@@ -1226,8 +1344,10 @@ def environment(h, world):
         lines.append(f"Running Triton version {triton.__version__}")
     except ImportError:
         lines.append("Running Triton version: not installed")
-    try: lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
-    except (OSError, subprocess.SubprocessError): lines.append("nvidia-smi: not available")
+    try:
+        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
+    except (OSError, subprocess.SubprocessError):
+        lines.append("nvidia-smi: not available")
     lines += [f"allocator: {k}={os.environ[k]}" for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
               if k in os.environ]
     # as the flags that reproduce the run, quoted for a shell where needed ('*' of --train_files), to paste back
@@ -1250,9 +1370,12 @@ def prefix_table(vocab, vocab_size):
     order every prefix comes before its extensions, so one pass with a stack of the current prefixes finds it."""
     table, stack = np.full(vocab_size, -1, dtype=np.int64), []
     for token, tid in sorted(vocab.items()):
-        if tid >= vocab_size: continue  # no entry, and the prefix of none: the head cannot predict it
-        while stack and not token.startswith(stack[-1][0]): stack.pop()
-        if stack: table[tid] = stack[-1][1]
+        if tid >= vocab_size:
+            continue  # no entry, and the prefix of none: the head cannot predict it
+        while stack and not token.startswith(stack[-1][0]):
+            stack.pop()
+        if stack:
+            table[tid] = stack[-1][1]
         stack.append((token, tid))
     return table
 
@@ -1271,8 +1394,10 @@ def validate(h, world):
         for name in names:
             value = getattr(h, name)
             for v in value if isinstance(value, tuple) else (value,):
-                if not math.isfinite(v): raise UserError(f"--{name}={flag_value(value)} must be a finite number")
-                if not rule(v): raise UserError(f"--{name}={flag_value(value)} must be {what}")
+                if not math.isfinite(v):
+                    raise UserError(f"--{name}={flag_value(value)} must be a finite number")
+                if not rule(v):
+                    raise UserError(f"--{name}={flag_value(value)} must be {what}")
     S, n = h.num_iterations - h.num_extension_iterations, len(h.ws_schedule)
     for name in ("train_batch_size", "train_max_seq_len", "stage_lr"):
         if len(getattr(h, name)) not in (1, n):
@@ -1287,7 +1412,8 @@ def validate(h, world):
         raise UserError(f"--mtp_weights={h.mtp_weights}: the next-token (first) weight is 0 in every stage; "
                         "nothing would learn to predict the next token")
     need_w = int(h.lr_schedule == "noam")
-    if h.lr_schedule in ("warmup", "warmup_decay"): need_w = 2 if h.warmup_type == "log" else 1
+    if h.lr_schedule in ("warmup", "warmup_decay"):
+        need_w = 2 if h.warmup_type == "log" else 1
     checks = [
         (8 % world == 0, f"world size {world} does not divide 8: use 1, 2, 4 or 8 processes"),
         (all(b % (8 * BLOCK) == 0 for b in h.train_batch_size),
@@ -1317,7 +1443,8 @@ def validate(h, world):
          f"--run_id={h.run_id}: use a plain file name (letters, digits, '.', '_', '-'); the log is logs/<run_id>.txt"),
         (not h.resume or os.path.isfile(h.resume), f"--resume={h.resume}: no such file")]
     for ok, msg in checks:
-        if not ok: raise UserError(msg)
+        if not ok:
+            raise UserError(msg)
 
 # hyperparameters that may differ on --resume (logged): they do not change the training math
 RESUME_FREE = ("val_files", "val_tokens", "val_seq_len", "val_head_chunk", "val_fp32_softcap", "val_loss_every",
@@ -1358,7 +1485,8 @@ def save_checkpoint(obj, path):
         torch.save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
-        with contextlib.suppress(OSError): os.remove(path + ".tmp")
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
         raise UserError(f"{path}: cannot save the checkpoint ({getattr(e, 'strerror', None) or 'write failed'}; "
                         "is the disk full?)") from None
 
@@ -1407,7 +1535,8 @@ def main(argv):
         check_writable(f"logs/{run_id}")
     def write_log(text, mode="a"):  # rank 0 only
         try:
-            with open(logfile, mode) as f: f.write(text)
+            with open(logfile, mode) as f:
+                f.write(text)
         except FileExistsError:
             raise UserError(f"{logfile} exists: choose another --run_id (a log is never overwritten)") from None
         except OSError as e:
@@ -1418,24 +1547,29 @@ def main(argv):
             write_log(s + "\n")
     if master:
         os.makedirs("logs", exist_ok=True)
-        with open(__file__) as f: code = f.read()
+        with open(__file__) as f:
+            code = f.read()
         write_log(code + "\n" + "=" * 100 + "\n" + environment(h, world) + "\n" + "=" * 100 + "\n", mode="x")
         print(f"log: {logfile}")
 
     trainer = Trainer(h, rank, world, device)
     torch._dynamo.config.recompile_limit = 64
     if sd is not None:
-        try: trainer.load_state_dict(sd)
+        try:
+            trainer.load_state_dict(sd)
         except (RuntimeError, KeyError, IndexError, ValueError) as e:
             raise UserError(f"--resume={h.resume}: its state does not fit this script's model or optimizer "
                             f"({str(e).splitlines()[0][:200]})") from None
-        for s in range(start): trainer.model.rotary.set_window(plans[s].windows[1])
+        for s in range(start):
+            trainer.model.rotary.set_window(plans[s].windows[1])
         log(f"resumed from {h.resume} at step {start}"
             + (f"; changed since it was saved: {resume_changes}" if resume_changes else ""))
     del sd
 
-    if h.kernel_warmup_steps > 0 and h.compile: trainer.kernel_warmup(h.kernel_warmup_steps, log)
-    elif h.kernel_warmup_steps > 0: log("kernel warmup: skipped, nothing is compiled (--compile=0)")
+    if h.kernel_warmup_steps > 0 and h.compile:
+        trainer.kernel_warmup(h.kernel_warmup_steps, log)
+    elif h.kernel_warmup_steps > 0:
+        log("kernel warmup: skipped, nothing is compiled (--compile=0)")
 
     loader = TrainLoader(h, rank, world, device, **loader_state)
     flops_token = 6 * matmul_params_per_token(h)
@@ -1462,7 +1596,8 @@ def main(argv):
                     f"step_avg:{clock.ms / max(step, 1):.2f}ms"
                     + (f" train_loss:{train_loss:.4f}" if train_loss is not None else "")
                     + trainer.val_fields(step, val, last))
-                if not math.isfinite(val_loss): diverged = f"the val loss is non-finite at step {step}: it diverged"
+                if not math.isfinite(val_loss):
+                    diverged = f"the val loss is non-finite at step {step}: it diverged"
             if diverged:
                 log(f"step:{step}/{h.num_iterations} stopped: {diverged}")
                 raise UserError(f"{diverged} (see {logfile}): lower --lr or --adam_lr")
@@ -1483,7 +1618,8 @@ def main(argv):
                     save_checkpoint(dict(model=dict(zip(names, trainer.average())), steps=steps), path)
                     log(f"checkpoint average: {path} (steps {','.join(map(str, steps))})")
             clock.start()
-        if last: break
+        if last:
+            break
         epoch = loader.epoch
         windows, lengths = trainer.train_step(step, loader)
         if loader.epoch != epoch:
