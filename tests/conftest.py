@@ -15,3 +15,8 @@ def gpt_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     write_corpus(str(d), train_tokens=300_000, val_tokens=20_000)
     return [f"--train_files={d}/fineweb_train_*.bin", f"--val_files={d}/fineweb_val_000000.bin"]
+
+# every subprocess a test starts gets this timeout, a guard against a hang only: the longest (the records fixture's four
+# runs side by side) takes about 30 s on an idle 2-core machine, so a healthy run on a machine loaded 10 times over
+# still ends well inside it
+HANG_S = 1800

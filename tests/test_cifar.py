@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import train_cifar as tc
+from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN, STD = np.array([0.4914, 0.4822, 0.4465]), np.array([0.2470, 0.2435, 0.2616])  # airbench's normalization
@@ -296,7 +297,7 @@ def one_error_line(result):
 
 def run_script(cwd, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train_cifar.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=HANG_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("args", [["--widths=0,0,0"], ["--label_smoothing=2"], ["--variant=96", "--momentum=1"]])
@@ -426,7 +427,7 @@ def test_no_network_is_one_clear_line(tmp_path, monkeypatch):
 def test_data_dir_that_is_a_file_is_one_line(tmp_path, script):
     (tmp_path / "afile").write_text("not a folder\n")
     r = subprocess.run([sys.executable, os.path.join(ROOT, script), f"--data_dir={tmp_path / 'afile'}"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                       capture_output=True, text=True, timeout=HANG_S, cwd=tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"--data_dir={tmp_path / 'afile'} is a file, not a folder" in lines[0]
@@ -494,7 +495,7 @@ def train(tmp_path, *args):
     """train_cifar.py on a fresh stand-in in tmp_path/D; returns the log. One thread: tiny tensors on a shared CPU."""
     make_standin(tmp_path / "D")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train_cifar.py"), "--data_dir=D", *TINY, *args],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     with open(tmp_path / re.search(r"^log: (\S+)$", result.stdout, re.M).group(1)) as f:
@@ -638,7 +639,7 @@ def test_both_trainers_share_one_command_line():
     import train_gpt as tg
     for module, cls in [(tg, tg.Hyperparameters), (tc, tc.Hyperparameters)]:
         script = os.path.join(ROOT, f"{module.__name__}.py")
-        text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120).stdout
+        text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=HANG_S).stdout
         listed = re.findall(r"^  --(\w+)=\S*(?: \[96: \S+\])?  +(\S.*)$", text, re.M)
         assert [name for name, _ in listed] == [f.name for f in fields(cls)], script
         assert all(len(meaning.split()) >= 3 for _, meaning in listed), script
@@ -648,5 +649,5 @@ def test_both_trainers_share_one_command_line():
         for argv in (["--run_id=x", "--seed", "3"], ["--run_id", "x", "--seed=3"]):
             parsed = module.parse_args(argv)
             assert (parsed.run_id, parsed.seed) == ("x", 3)
-        bad = subprocess.run([sys.executable, script, "--bogus=1"], capture_output=True, text=True, timeout=120)
+        bad = subprocess.run([sys.executable, script, "--bogus=1"], capture_output=True, text=True, timeout=HANG_S)
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "--bogus" in bad.stderr

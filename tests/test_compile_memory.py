@@ -1,106 +1,10 @@
-"""train_gpt.py's compiled CPU forward does not recompile across batches; the record step's memory estimate."""
-import dataclasses
-
-import numpy as np
+"""The record step's memory estimate against a hand count, and the pieces it rests on. (That the compiled model
+compiles each graph once and never again: tests/test_cuda_path.py.)"""
 import pytest
 import torch
-import torch._dynamo.testing
 
 import train_gpt as tg
 from tests import estimate_memory
-
-# 5 layers: record layers 0, 2, 5, 7 and 10, all with attention: paired heads in 0, 2 and 5 (a stream of twice the
-# slot), the long window in 10. Slots of 4 blocks of 128 tokens. Three stages
-# of 2 steps (bounds round(k * 6 / 3)), then the extension step 6: (short, long) windows in blocks (1, 2) in stages 0
-# and 1, (2, 4) in stage 2; 2, 1 and 2 predictions, whose weights move within stages 0 and 2. The bigram table is
-# small; no prefix loss here (main() would need tiktoken's GPT-2 vocabulary, which is offline): the test sets its own.
-TINY = ["--num_layers=5", "--model_dim=64", "--num_heads=2", "--train_batch_size=4096", "--ws_schedule=2,2,4",
-        "--mtp_weights=1,0.5>1,0.25/1/1,0.5>1,0", "--prefix_weight=0", "--bigram_vocab_size=1024",
-        "--num_iterations=7", "--num_extension_iterations=1", "--val_seq_len=512", "--val_tokens=1024", "--compile=0"]
-
-
-def stream(n, bos_positions, seed):
-    """n + 1 tokens: random non-BOS tokens with BOS exactly at bos_positions."""
-    tokens = np.random.default_rng(seed).integers(0, tg.BOS, n + 1)
-    tokens[list(bos_positions)] = tg.BOS
-    return torch.from_numpy(tokens).int()
-
-
-class OneBatchLoader:
-    """TrainLoader.next_step() stand-in: one micro-batch with the document boundaries a test chooses, and its bigram
-    hash rows as TrainLoader computes them (None without a bigram table)."""
-    def __init__(self, tokens, bigram_rows):
-        self.tokens = tokens
-        self.bigram = None
-        if bigram_rows:
-            self.bigram = torch.from_numpy(tg.bigram_index(tokens[:-1].numpy(), bigram_rows))
-
-    def next_step(self, batch_size, max_seq_len):
-        assert batch_size // 8 == self.tokens.numel() - 1  # the schedule's slot
-        return [(self.tokens[:-1], self.tokens[1:].long(), self.bigram)], []
-
-
-def recompile_reasons():
-    return [str(reason) for reasons in torch._dynamo.utils.guard_failures.values() for reason in reasons]
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on this shared 2-core machine a second thread makes every small op wait for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_compiled_forward_one_graph_per_window_pair_and_mode(one_thread):
-    """Trainer's torch.compile(model, dynamic=False, fullgraph=True), with a backend that counts the graphs dynamo
-    compiles and runs them as traced (torch._dynamo.testing.CompileCounter). Whether a call reuses a graph is decided
-    by the guards dynamo installs while tracing, before any backend sees the graph, and with dynamic=False there are
-    no symbolic shapes through which AOTAutograd or Inductor could add guards: the counts are those of the default
-    Inductor backend, without its 20-30 s per graph on this CPU. One training graph per (windows, slot length,
-    number of predictions); the MTP and prefix weights are tensors whose values change within a stage."""
-    # a prefix loss whose weight moves in stage 0; the Trainer itself needs no tiktoken (main() fills the table)
-    h = dataclasses.replace(tg.parse_args(TINY), prefix_weight="0.25>0.1/0.1/0")
-    plans = [tg.Schedule(h).at(step) for step in range(6)]
-    assert [plan.windows for plan in plans] == [(1, 2)] * 4 + [(2, 4)] * 2
-    assert [len(plan.mtp) for plan in plans] == [2, 2, 1, 1, 2, 2]
-    assert plans[0].mtp != plans[1].mtp and plans[0].prefix != plans[1].prefix  # same stage, other weights
-    assert plans[4].mtp != plans[5].mtp
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
-    V = h.vocab_size
-    trainer.model.prefix_table.copy_(torch.arange(V) - 1)  # any table: its values are data, not guards
-    masks = trainer.model.layer_masks(stream(512, [0], 0)[:-1], (1, 2), trainer.flex)
-    # both windows are in the graph, and the paired layers' doubled stream
-    assert [(mask.window, mask.docs.numel()) for mask in masks] == [(1, 1024)] * 3 + [(1, 512), (2, 512)]
-    counter = torch._dynamo.testing.CompileCounter()
-    trainer.fwd = torch.compile(trainer.model, backend=counter, dynamic=False, fullgraph=True)  # as Trainer, h.compile
-    rotary = trainer.model.rotary
-    initial_rotary = (rotary.freq, rotary.attn_scale, rotary.ws)
-    slot, rows = h.train_batch_size[0] // 8, h.bigram_vocab_size
-    one_doc = OneBatchLoader(stream(slot, [0], 1), rows)
-    many_docs = OneBatchLoader(stream(slot, range(0, slot + 1, 37), 2), rows)  # boundaries inside blocks
-    block_aligned = OneBatchLoader(stream(slot, [0, 128, 384], 3), rows)
-    val = stream(h.val_tokens, [0, 5, 600, 800], 4).numpy()  # two val slabs with other boundaries
-    for step, batch, graphs in [(0, one_doc, 1), (1, many_docs, 1),  # windows (1, 2), 2 predictions: one graph
-                                (2, block_aligned, 2), (3, many_docs, 2),  # (1, 2), 1 prediction: one more
-                                (4, block_aligned, 3), (5, one_doc, 3)]:  # (2, 4), 2 predictions: one more
-        trainer.train_step(step, batch)
-        assert counter.frame_count == graphs, (step, recompile_reasons())
-    # evaluation (eval mode, no_grad, the chunked head) is a graph of its own, even at the training windows and
-    # length; both val slabs share it
-    trainer.evaluate(4, val)
-    assert counter.frame_count == 4, recompile_reasons()
-    # main()'s kernel warmup visits the shapes, then restores the rotary state; the timed steps replay the same YaRN
-    # updates (same attention scales) and find every graph cached, the training graphs after evaluation too
-    rotary.freq, rotary.attn_scale, rotary.ws = initial_rotary
-    rotary._tables()
-    for step, batch in [(1, block_aligned), (3, one_doc), (5, many_docs)]:
-        trainer.train_step(step, batch)
-    assert counter.frame_count == 4, recompile_reasons()
-    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import tiktoken
 
 from data import tokenize_text
 from tests.gptdata import write_tiktoken_plugin
+from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOWNLOADER = os.path.join(ROOT, "data", "cached_fineweb10B.py")
@@ -101,7 +102,7 @@ def download(tmp_path, endpoint, *args, script=DOWNLOADER):
     env.update(HF_ENDPOINT=endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf_home"),
                HF_HUB_CACHE=str(tmp_path / "hf_cache"), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                NO_PROXY="127.0.0.1")
-    return subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=HANG_S)
 
 def bins(folder):
     return sorted(f for f in os.listdir(folder) if f.endswith(".bin")) if os.path.isdir(folder) else []
@@ -257,7 +258,7 @@ def test_same_output_for_any_worker_count_and_the_cli(corpus, enc, plugin_dir, t
     env = dict(os.environ, PYTHONPATH=str(plugin_dir))
     r = subprocess.run([sys.executable, TOKENIZER, str(folder), "--out", str(tmp_path / "two"), "--shard_size", "200",
                         "--val_tokens", "100", "--workers", "2", "--encoding", "tiny_test"],
-                       env=env, capture_output=True, text=True, timeout=60)
+                       env=env, capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stderr
     names = os.listdir(tmp_path / "one")
     assert len(names) > 3 and sorted(os.listdir(tmp_path / "two")) == sorted(names)
@@ -301,7 +302,7 @@ def test_cli_bad_input_is_one_line(corpus, plugin_dir, tmp_path):
     for args, named in cases:
         out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
         r = subprocess.run([sys.executable, TOKENIZER, *args, *out, "--encoding", "tiny_test", "--workers", "1"],
-                           env=env, capture_output=True, text=True, timeout=60)
+                           env=env, capture_output=True, text=True, timeout=HANG_S)
         assert named in one_error_line(r), r.stderr
     assert bins(tmp_path / "out") == [] and os.listdir(tmp_path / "old") == ["text_train_000007.bin"]
 
@@ -311,7 +312,7 @@ def test_out_that_is_not_a_folder_is_one_line(corpus, plugin_dir, tmp_path, out)
     (tmp_path / "a_file").write_text("keep me")
     r = subprocess.run([sys.executable, TOKENIZER, str(folder), "--out", str(tmp_path / out), "--encoding", "tiny_test",
                         "--workers", "1", "--val_tokens", "100"], env=dict(os.environ, PYTHONPATH=str(plugin_dir)),
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=HANG_S)
     line = one_error_line(r)
     assert "--out" in line and str(tmp_path / out) in line, line
     assert (tmp_path / "a_file").read_text() == "keep me"

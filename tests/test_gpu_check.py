@@ -10,6 +10,7 @@ import re
 import subprocess
 
 import pytest
+from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "gpu_check.sh")
@@ -51,10 +52,10 @@ def first_number(value):
     return float(value.split()[0])
 
 
-def run_check(tmp_path, *args, timeout=600):
+def run_check(tmp_path, *args):
     report = tmp_path / "report.txt"
     result = subprocess.run(["bash", SCRIPT, *args, f"--out={report}"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=HANG_S)
     return result, report.read_text()
 
 
@@ -88,8 +89,7 @@ def test_dry_run_reports_every_part_ok_with_its_figures(tmp_path):
     (["--parts=train_gpt,cifar_eager", "--data=EMPTY", "--budget=1"], "FAILED", "no train shards")])
 def test_a_part_that_fails_or_times_out_is_reported_and_the_exit_code_says_so(tmp_path, args, status, words):
     (tmp_path / "EMPTY").mkdir()
-    result, text = run_check(tmp_path, "--dry-run", *[a.replace("EMPTY", str(tmp_path / "EMPTY")) for a in args],
-                             timeout=120)
+    result, text = run_check(tmp_path, "--dry-run", *[a.replace("EMPTY", str(tmp_path / "EMPTY")) for a in args])
     parts = parse_report(text)
     first = args[0].split("=")[1].split(",")[0]
     assert result.returncode == 1 and parts[first][0] == status, text

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 from scipy import stats
+from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDS = os.path.join(ROOT, "records")
@@ -54,7 +55,7 @@ def logs(tmp_path_factory):
     cmds.append([os.path.join(ROOT, "train_cifar.py"), *CIFAR_TINY])
     procs = [subprocess.Popen([sys.executable, *c], cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for c in cmds]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    outs = [p.communicate(timeout=HANG_S)[0] for p in procs]
     for cmd, p, out in zip(cmds, procs, outs):
         assert p.returncode == 0, f"{' '.join(cmd)}\n{out[-3000:]}"
     return {"gpt": [str(d / "logs" / f"seed{s}.txt") for s in (1, 2, 3)],

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDER = """#!/bin/sh
@@ -41,7 +42,7 @@ def run(tmp_path, command, gpus=None, torch="installed", nvidia_smi=False, pytes
         (tmp_path / "stub" / "torch" / "__init__.py").write_text(TORCH_STUB.format(gpus=gpus))
         env["PYTHONPATH"] = str(tmp_path / "stub")
     result = subprocess.run([shutil.which("bash"), "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+                            timeout=HANG_S)
     return result, calls.read_text().splitlines() if calls.exists() else []
 
 

@@ -1,9 +1,15 @@
-"""The README's CPU smoke commands, verbatim, in a copy of the scripts, at a smaller size (flags appended win)."""
+"""The README's CPU smoke commands, verbatim, in a copy of the scripts, at a smaller size (flags appended win); the
+GPT run's log is read as a racer reads it (the end-to-end log checks of the GPT trainer live here)."""
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+
+import pytest
+from conftest import HANG_S
+from tests.test_gpt import parse_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALLER = {"data/synthetic.py gpt": ["--train_tokens=100000", "--val_tokens=16384"],
@@ -28,11 +34,16 @@ def test_readme_smoke_commands_run_offline_and_learn(tmp_path):
     for command in commands:
         key = " ".join(command[1:3]) if "synthetic" in command[1] else command[1]
         result = subprocess.run([sys.executable, *command[1:], *SMALLER[key]], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "2"})  # a hang guard
+                                text=True, timeout=HANG_S, env={**os.environ, "OMP_NUM_THREADS": "2"})
         assert result.returncode == 0, result.stderr[-3000:]
         outputs.append(result.stdout)
     gpt, cifar = outputs[1], outputs[3]
     assert gpt.startswith("log: logs/") and cifar.startswith("log: logs/")
-    losses = [float(v) for v in re.findall(r"^step:\d+/10 val_loss:(\S+)", gpt, re.M)]
-    assert len(losses) == 3 and losses[0] > 10 and losses[-1] < losses[0] - 1, losses  # falls from ln(50304)
+    code, env, vals, steps, summary = parse_log(tmp_path / gpt.split("\n")[0].removeprefix("log: "))
+    assert code == open(tmp_path / "train_gpt.py").read() + "\n"  # the log opens with the script that ran
+    assert "Running PyTorch" in env and "  --num_iterations=10" in env and "world_size=1" in env
+    assert [s for s, _ in vals] == [0, 5, 10] and [int(s) for s, _ in steps] == list(range(1, 11))
+    assert vals[0][1] == pytest.approx(math.log(50304), abs=1e-3)  # head N(0, 0.005): near uniform prediction
+    assert vals[-1][1] < vals[0][1] - 1, vals  # the toy language is learnable: 6.9 of 10.83 when written
+    assert summary and float(summary[1]) == vals[-1][1]
     assert float(re.search(r"^run:1 acc:(\S+)", cifar, re.M)[1]) > 0.3  # 10 classes: chance is 0.1

@@ -9,6 +9,7 @@ import torch
 import train_gpt as tg
 from tests.gptdata import write_tiktoken_plugin
 from tests.test_gpt import SCRIPT, parse_log, rel, run_cli
+from conftest import HANG_S
 
 BOS_ID = 50256  # GPT-2's <|endoftext|>, the document start in the shards
 # the tiny model of tests/test_techniques.py; no prefix loss unless a test brings a tokenizer (GPT-2's cannot be
@@ -507,7 +508,7 @@ def test_world_size_2_matches_world_size_1_across_stages_and_the_untie(staged_ru
     d, common = staged_run[:2]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on the CI's two cores
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
-                        *common, "--run_id=w2"], cwd=d, capture_output=True, text=True, timeout=600, env=env)
+                        *common, "--run_id=w2"], cwd=d, capture_output=True, text=True, timeout=HANG_S, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_ckpt(d / "logs/full/state_step000006.pt"), load_ckpt(d / "logs/w2/state_step000006.pt")
     # Adam stepped at steps 1, 3 and 5; the embedding, skipped while tied, took the head's count at the untie (3); the
@@ -631,7 +632,7 @@ def test_stage_values_that_do_not_fit_are_refused_first(tmp_path, gpt_files, mon
     assert os.listdir(tmp_path) == []
 
 def test_a_bad_stage_value_is_one_line_on_the_command_line(tmp_path):
-    r = run_cli(["--mtp_weights=1,a"], tmp_path, timeout=120)
+    r = run_cli(["--mtp_weights=1,a"], tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("train_gpt.py: error: --mtp_weights=1,a: give per stage") and os.listdir(tmp_path) == []

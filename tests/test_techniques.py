@@ -18,7 +18,8 @@ SMALL = ["--prefix_weight=0", "--bigram_vocab_size=1024", "--num_layers=4", "--m
 # ---------------------------------------------------------------------------------------------- LR schedules
 
 def schedule_ref(kind, s, S=1000, W=100, f=0.1, c=0.5, warmup_type="log"):
-    """Each schedule's formula written out, one branch per schedule (wsd: record #89's cooldown from the stage multiplier 1)."""
+    """Each schedule's formula written out, one branch per schedule (wsd: record #89's cooldown from the stage
+    multiplier 1)."""
     if kind == "wsd":
         start = int(S * (1 - c))
         t = 0.0 if s < start else min(1.0, (s - start) / (S - start))
