@@ -365,7 +365,8 @@ def test_bad_shards_rejected(tmp_path):
         assert f"{name}.bin" in str(e.value)
 
 def run_cli(args, cwd, **kw):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=HANG_S, **kw)
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=HANG_S,
+                          **kw)
 
 # no prefix loss: tiktoken's GPT-2 vocabulary cannot be downloaded here (tests/test_stages.py brings its own)
 TINY = ["--prefix_weight=0", "--bigram_vocab_size=1024", "--num_layers=4", "--model_dim=64", "--num_heads=2",
