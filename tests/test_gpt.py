@@ -500,7 +500,8 @@ def test_loader_that_can_make_no_progress_says_so(tmp_path, gpt_files):
         loader.next_step(1024, 128)
 
 def test_non_finite_loss_stops_at_the_first_validation_after_it(tmp_path, gpt_files):
-    args = ["--num_iterations=12", "--num_extension_iterations=1", "--val_loss_every=1", "--lr=1e9", "--run_id=nan"]
+    args = ["--num_iterations=12", "--num_extension_iterations=1", "--val_loss_every=1", "--lr=1e9", "--run_id=nan",
+            "--val_tokens=1024"]  # one val slab: a validation after every step
     r = run_cli(gpt_files + TINY + args, tmp_path)
     line = one_line_error(r)
     assert "non-finite" in line and "logs/nan.txt" in line
@@ -530,16 +531,18 @@ def test_a_log_write_that_fails_ends_with_one_line(tmp_path, gpt_files):
                 preexec_fn=disk_fills_after_the_header)
     assert "logs/full.txt: cannot write the log" in one_line_error(r) and "step:3/40" in r.stdout
 
-def test_a_rerun_never_touches_an_existing_log_and_failed_starts_leave_none(tmp_path, gpt_files):
+def test_a_rerun_never_touches_an_existing_log_and_failed_starts_leave_none(tmp_path, gpt_files, monkeypatch):
     args = gpt_files + TINY + ["--num_iterations=2", "--num_extension_iterations=1", "--run_id=done"]
     r = run_cli(args + ["--kernel_warmup_steps=30"], tmp_path)
     assert r.returncode == 0 and "kernel warmup: skipped, nothing is compiled (--compile=0)" in r.stdout, r.stderr
     finished = (tmp_path / "logs/done.txt").read_text()
     assert "summary val_loss:" in finished
-    assert "logs/done.txt exists" in one_line_error(run_cli(args, tmp_path))  # a real second run with the same id
+    # a second start with the same id, then one that fails on its files, in-process (a failed CLI start is one line:
+    # test_user_errors_are_one_line)
+    assert "logs/done.txt exists" in main_error(args, tmp_path, monkeypatch)
     assert (tmp_path / "logs/done.txt").read_text() == finished
     bad = args[2:-1] + [f"--train_files={tmp_path}/none_*.bin", gpt_files[1], "--run_id=failed"]
-    assert "no train files match" in one_line_error(run_cli(bad, tmp_path))
+    assert "no train files match" in main_error(bad, tmp_path, monkeypatch)
     assert sorted(os.listdir(tmp_path / "logs")) == ["done.txt"]  # the failed start left no header-only log
 
 def test_a_checkpoint_save_that_fails_leaves_no_partial_file(tmp_path, gpt_files):
