@@ -606,8 +606,9 @@ class GPT(nn.Module):
                 for kind, bias in (("attn", 0.25), ("bigram", 0.05)):
                     for at in slices[kind].values():
                         self.mudd_gate_b2[gate, at] = bias / 0.1
-            self.mudd_gate_b2[1, slices["skip"]] = 0.5 / 0.1
-            self.mudd_gate_b2[1, slices["dc_w1"]] = 1.0 / 0.1  # (w2 starts at 0)
+            post = self.gate_layout[1][0]
+            self.mudd_gate_b2[1, post["skip"]] = 0.5 / 0.1
+            self.mudd_gate_b2[1, post["dc_w1"]] = 1.0 / 0.1  # (w2 starts at 0)
         small = (self.embed, self.smear_gate, self.lm_head, self.bigram_embed)  # stored in the compute dtype, as the
         for m in small:  # record; the banks (NorMuon) and the lambdas stay fp32
             if m is not None:

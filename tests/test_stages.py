@@ -543,7 +543,8 @@ def ranks():
     rng, strings = random.Random(0), [bytes([i]) for i in range(256)]
     while len(strings) < 512:
         extended = rng.choice(strings) + bytes([rng.randrange(256)])
-        if extended not in strings: strings.append(extended)
+        if extended not in strings:
+            strings.append(extended)
     return {string: i for i, string in enumerate(strings)}
 
 def stages_tiny():
