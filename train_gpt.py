@@ -47,6 +47,8 @@ class Hyperparameters:
     warmup_type: str = "log"            # warmup of the warmup and warmup_decay schedules: log or linear (DeepSpeed)
     val_loss_every: int = 250           # steps between validations; 0 = only at the end
     vocab_size: int = 50304             # embedding and head rows (GPT-2's 50257 padded to a multiple of 128)
+    bos_id: int = 50256                 # the token every document starts with (GPT-2's <|endoftext|>): the loader's
+    #                                     slots, the attention's document masks and the MTP document ends split at it
     model_dim: int = 768                # residual stream width
     num_layers: int = 11                # layers: the record's 11, or 2 to 10 of them spread evenly (README)
     num_heads: int = 6                  # attention heads of model_dim / num_heads dimensions (an even number)
@@ -81,7 +83,7 @@ class Hyperparameters:
     ema_warmup: bool = True             # EMA decay min(ema_decay, (1+t)/(10+t)) (TensorFlow/OpenNMT), else ema_decay
     average_last: int = 0               # average of the last K snapshots (one every checkpoint_every): avg_val_loss
 
-BOS, BLOCK = 50256, 128
+BLOCK = 128  # FlexAttention's block: windows count in blocks of 128 tokens
 MAGIC, VERSION = 20240520, 1
 
 class UserError(Exception):
@@ -391,10 +393,11 @@ class BlockwiseMask(NamedTuple):
     docs: Tensor  # document index of each position
     window: int   # in 128-token blocks
 
-def make_masks(inputs: Tensor, windows, flex: bool, paired=False):
-    """One attention mask per window (in 128-token blocks): a FlexAttention BlockMask, or its portable twin. paired:
-    for the interleaved stream of paired heads (two positions a token, the window counted in positions)."""
-    docs = (inputs == BOS).cumsum(0)
+def make_masks(inputs: Tensor, windows, flex: bool, paired=False, bos_id=50256):
+    """One attention mask per window (in 128-token blocks): a FlexAttention BlockMask, or its portable twin; a
+    document starts at each bos_id. paired: for the interleaved stream of paired heads (two positions a token, the
+    window counted in positions)."""
+    docs = (inputs == bos_id).cumsum(0)
     if paired:
         docs = docs.repeat_interleave(2)
     T = docs.numel()
@@ -467,12 +470,13 @@ def dc_attention(q, k, v, w1, w2, docs, scale, window):
 def softcap(logits):  # the record's asymmetric logit cap
     return 23 * torch.sigmoid((logits + 5) / 7.5)
 
-def training_loss(z, targets, mtp, prefix_targets, prefix, across_docs=True):
+def training_loss(z, targets, mtp, prefix_targets, prefix, across_docs=True, bos_id=50256):
     """Sum over positions t of sum_k mtp[k] * CE(z_t, targets[t + k]) + prefix * CE(z_t, prefix_targets[t]), on the
     softcapped logits z [T, V]. A prediction past the slot's end (with across_docs=False: past the end of t's
-    document, a BOS target before it) and a prefix target of -1 count 0. Returns (that sum, the next-token CE sum)."""
+    document, a bos_id target before it) and a prefix target of -1 count 0. Returns (that sum, the next-token CE
+    sum)."""
     T, K = z.size(0), mtp.numel()
-    bos_seen = F.pad((targets == BOS).int().cumsum(0), (1, 0))  # BOS among targets[:t]
+    bos_seen = F.pad((targets == bos_id).int().cumsum(0), (1, 0))  # documents started in targets[:t]
     cols, weights = [], []  # one gather for all terms: each row's target columns and their weights
     for k in range(K):
         valid = torch.arange(T, device=z.device) < T - k
@@ -554,7 +558,7 @@ class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, max_len: int, dtype=torch.bfloat16):
         super().__init__()
         L, D, V, H = h.num_layers, h.model_dim, h.vocab_size, h.num_heads
-        self.rec, self.num_heads, self.mtp_across_docs = record_layers(L), H, h.mtp_across_docs
+        self.rec, self.num_heads, self.mtp_across_docs, self.bos_id = record_layers(L), H, h.mtp_across_docs, h.bos_id
         self.dc_window, self.val_fp32_softcap = h.dc_window, h.val_fp32_softcap
         self.attn_layers = [r for r in self.rec if r not in NO_ATTN]  # the record layers with attention, in order
         self.ve_layers = [r for r in VE if r in self.rec]
@@ -676,7 +680,7 @@ class GPT(nn.Module):
             rows = F.pad((inputs[:-1] ^ inputs[1:]) % self.bigram_signs.size(0), (1, 0))
             bigram = (self.bigram_embed(bigram_idx) * self.bigram_signs[rows])[None]
         ve = dict(zip(self.ve_layers, self.value_embeds.view(len(self.ve_layers), -1, x.size(-1))[:, inputs]))
-        docs = (inputs == BOS).cumsum(0)
+        docs = (inputs == self.bos_id).cumsum(0)
         g = dict(xsa={}, attn={}, x0={}, bigram={})
         self.gates(x0, 0, g)
         x = x0 + bigram * g["bigram"][0]
@@ -721,7 +725,8 @@ class GPT(nn.Module):
         x = norm(x)[0]
         if mtp is not None:  # training: cross-entropy on the (bf16 on GPU) softcapped logits
             z = softcap(self.lm_head(x))
-            return training_loss(z, targets, mtp, self.prefix_table[targets], prefix, self.mtp_across_docs)
+            return training_loss(z, targets, mtp, self.prefix_table[targets], prefix, self.mtp_across_docs,
+                                 self.bos_id)
         loss = x.new_zeros((), dtype=torch.float32)
         for i in range(0, x.size(0), head_chunk):  # a chunk at a time; the cross-entropy in fp32
             logits = self.lm_head(x[i:i + head_chunk])
@@ -733,7 +738,7 @@ class GPT(nn.Module):
         """Each layer's attention mask (None: no attention) for the (short, long) windows; paired layers get the
         doubled stream's."""
         kinds = [None if r in NO_ATTN else (windows[r in LONG], r in PAIRED) for r in self.rec]
-        made = {k: make_masks(inputs, [k[0]], flex, k[1])[0] for k in set(kinds) - {None}}  # only the kinds in use
+        made = {k: make_masks(inputs, [k[0]], flex, k[1], self.bos_id)[0] for k in set(kinds) - {None}}  # in use
         return [None if k is None else made[k] for k in kinds]
 
     def attention_flops(self, lengths, windows):
@@ -961,7 +966,7 @@ class TrainLoader:
 
     def _load(self, idx, tokens=None):
         self.tokens = load_shard(self.files[idx], self.h.vocab_size) if tokens is None else tokens
-        self.bos = np.flatnonzero(self.tokens == BOS)
+        self.bos = np.flatnonzero(self.tokens == self.h.bos_id)
         self._next = [None]  # load the next shard in the background
         following = (idx + 1) % len(self.files)
         self._thread = threading.Thread(target=lambda: self._next.__setitem__(0, self._safe_load(following)),
@@ -1022,7 +1027,7 @@ def check_train_data(h, shapes, file_idx=0, ptr=0):
     fits = dict.fromkeys(shapes, False)
     for i in range(0 if h.repeat_data else file_idx, len(files)):
         tokens = load_shard(files[i], h.vocab_size)
-        bos, p = np.flatnonzero(tokens == BOS), ptr if i == file_idx and not h.repeat_data else 0
+        bos, p = np.flatnonzero(tokens == h.bos_id), ptr if i == file_idx and not h.repeat_data else 0
         if h.repeat_data:
             for shape in fits:
                 fits[shape] = fits[shape] or take_slots(tokens, bos, 0, 8, *shape) is not None
@@ -1047,7 +1052,7 @@ def no_step_error(h, slot_len, max_seq):
              f"pieces are at most --train_max_seq_len={max_seq} tokens, one a document, so a step needs at least "
              f"{8 * pieces} documents: raise --train_max_seq_len, or use larger shards or a smaller --train_batch_size")
     return UserError(f"train files {h.train_files}: no shard holds one step of BOS-aligned data (8 slots of "
-                     f"{slot_len + 1} tokens from documents that start with token {BOS}): {cause}")
+                     f"{slot_len + 1} tokens from documents that start with token {h.bos_id}): {cause}")
 
 def load_val(h):
     tokens, need = [], h.val_tokens + 1
@@ -1428,7 +1433,8 @@ def validate(h, world):
          "--model_dim must be --num_heads times a multiple of 4"),
         (h.model_dim >= 12 and 2 <= h.num_layers <= 11, "--model_dim must be >= 12 and --num_layers 2 to 11"),
         (h.num_heads % 2 == 0, f"--num_heads={h.num_heads}: use an even number (paired-head attention)"),
-        (h.vocab_size > BOS and h.vocab_size % 8 == 0, "--vocab_size must exceed 50256 and be a multiple of 8"),
+        (0 <= h.bos_id < h.vocab_size, f"--bos_id={h.bos_id}: give a token id below --vocab_size={h.vocab_size}"),
+        (h.vocab_size % 8 == 0, f"--vocab_size={h.vocab_size}: use a multiple of 8"),
         (len(h.ws_schedule) > 0 and min(h.ws_schedule) >= 1,
          f"--ws_schedule={flag_value(h.ws_schedule)}: give one or more windows >= 1 (in 128-token blocks)"),
         (h.lr_schedule in LR_SCHEDULES, f"--lr_schedule={h.lr_schedule}: use one of {', '.join(LR_SCHEDULES)}"),

@@ -10,10 +10,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def gpt_files(tmp_path_factory):
-    """--train_files / --val_files flags of a small learnable corpus (tests/gptdata.py), shared by the GPT tests."""
-    from tests.gptdata import write_corpus
+    """--train_files / --val_files flags of a small learnable corpus (tests/gptdata.py) in the small vocabulary (run it
+    with gptdata.SMALL_VOCAB's flags), shared by the GPT tests."""
+    from tests.gptdata import SMALL_BOS, write_corpus
     d = tmp_path_factory.mktemp("corpus")
-    write_corpus(str(d), train_tokens=300_000, val_tokens=20_000)
+    write_corpus(str(d), train_tokens=300_000, val_tokens=20_000, bos=SMALL_BOS)
     return [f"--train_files={d}/fineweb_train_*.bin", f"--val_files={d}/fineweb_val_000000.bin"]
 
 # every subprocess a test starts gets this timeout, a guard against a hang only: the longest (the records fixture's four

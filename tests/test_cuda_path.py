@@ -14,6 +14,7 @@ import torch.nn.attention.flex_attention as flex_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt as tg
+from tests.gptdata import SMALL_BOS, SMALL_VOCAB
 
 HEAD_SCALES = (100 / 448, 1.6 / 448)  # the record's x and w scales of the FP8 head (CastedLinear)
 
@@ -132,8 +133,8 @@ def test_scaled_mm_makes_its_scales_on_the_device():
 # ---------------------------------------------------------------------------------------------- compiled graph
 
 # 5 layers: record layers 0, 2, 5 (paired heads: the doubled stream), 7 (XSA) and 10 (long window with the key
-# offset, the value embedding, MUDD and DC attention); slots of 8 blocks
-TRACE = ["--num_layers=5", "--model_dim=64", "--num_heads=2", "--bigram_vocab_size=1024", "--compile=0"]
+# offset, the value embedding, MUDD and DC attention); slots of 8 blocks; the small vocabulary of the gpt_files corpus
+TRACE = SMALL_VOCAB + ["--num_layers=5", "--model_dim=64", "--num_heads=2", "--bigram_vocab_size=1024", "--compile=0"]
 
 
 def noisy_model(h, seed):
@@ -149,8 +150,8 @@ def noisy_model(h, seed):
 
 def batch(T, seed):
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 1000, T + 1)
-    tokens[[0, 100, 333, 700, 701, 1000]] = tg.BOS  # boundaries inside and at the edge of blocks
+    tokens = rng.integers(0, SMALL_BOS, T + 1)
+    tokens[[0, 100, 333, 700, 701, 1000]] = SMALL_BOS  # boundaries inside and at the edge of blocks
     tokens = torch.from_numpy(tokens)
     bigram = torch.from_numpy(tg.bigram_index(tokens[:-1].numpy(), 1024))
     return tokens[:-1].int(), tokens[1:], bigram
@@ -224,8 +225,9 @@ def test_record_schedule_compiles_its_graphs_in_the_warmup_and_never_again(gpt_f
     prefix weights, recompile nothing; validation adds one graph per window pair, (1, 3), (3, 7), (5, 11) and the final
     (6, 20). Dynamo decides reuse from its guards before any backend sees a graph (dynamic=False: no symbolic shapes),
     so these counts are Inductor's."""
-    h = tg.parse_args(gpt_files + ["--num_layers=3", "--model_dim=64", "--num_heads=4", "--bigram_vocab_size=1024",
-                                   "--train_batch_size=2048,4096,6144", "--val_seq_len=1024", "--val_tokens=1024"])
+    h = tg.parse_args(gpt_files + SMALL_VOCAB + ["--num_layers=3", "--model_dim=64", "--num_heads=4",
+                                                 "--bigram_vocab_size=1024", "--train_batch_size=2048,4096,6144",
+                                                 "--val_seq_len=1024", "--val_tokens=1024"])
     plans = tg.Schedule(h).plans
     keys = {(p.windows, p.batch_size, len(p.mtp)) for p in plans[:h.num_iterations]}
     assert keys == {((1, 3), 2048, 3), ((3, 7), 4096, 2), ((5, 11), 6144, 1), ((6, 13), 6144, 1)}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tests.gptdata import learnable_docs, write_shard
+from tests.gptdata import SMALL_BOS, SMALL_VOCAB, learnable_docs, write_shard
 from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,25 +201,26 @@ def test_yarn_update():
 
 # ---------------------------------------------------------------------------------------------- attention masks
 
-def random_stream(T, seed):
+def random_stream(T, seed, bos=50256):
     rng = np.random.default_rng(seed)
     toks = rng.integers(0, 50000, T)
-    toks[0] = 50256
-    toks[rng.choice(np.arange(1, T), size=T // 150, replace=False)] = 50256
+    toks[toks == bos] = bos + 1
+    toks[0] = bos
+    toks[rng.choice(np.arange(1, T), size=T // 150, replace=False)] = bos
     toks[300:700] = 7  # one long document spanning several blocks
     return torch.from_numpy(toks).int()
 
-def brute_mask(tokens, window):
-    docs = np.cumsum(tokens.numpy() == 50256)
+def brute_mask(tokens, window, bos=50256):
+    docs = np.cumsum(tokens.numpy() == bos)
     T = len(docs)
     q, k = np.arange(T)[:, None], np.arange(T)[None, :]
     return torch.from_numpy((k <= q) & (docs[q] == docs[k]) & (q - k <= window))
 
-@pytest.mark.parametrize("ws", [1, 2, 3, 9])
-def test_block_mask_against_brute_force(ws):
-    tokens = random_stream(1024, ws)
-    dense = brute_mask(tokens, ws * 128)
-    bm = tg.make_masks(tokens, [ws], flex=True)[0]
+@pytest.mark.parametrize("ws, bos", [(1, 50256), (2, 50256), (3, 50256), (9, 50256), (2, 20000)])
+def test_block_mask_against_brute_force(ws, bos):
+    tokens = random_stream(1024, ws, bos)
+    dense = brute_mask(tokens, ws * 128, bos)
+    bm = tg.make_masks(tokens, [ws], flex=True, bos_id=bos)[0]
     nb = 1024 // 128
     blocks = dense.view(nb, 128, nb, 128).permute(0, 2, 1, 3)
     for i in range(nb):
@@ -294,10 +295,10 @@ def test_fp8_matmul_forward_and_backward():
 
 # ---------------------------------------------------------------------------------------------- data
 
-def loader_reference(shards, steps, slot_len, max_seq, partial=False):
+def loader_reference(shards, steps, slot_len, max_seq, partial=False, bos=50256):
     """Per step, the 8 slots' token buffers: pieces from consecutive documents, a step never spans shards."""
     out, used, si, di = [], [], 0, 0
-    docs = [np.split(s, np.flatnonzero(s == 50256)[1:]) for s in shards]
+    docs = [np.split(s, np.flatnonzero(s == bos)[1:]) for s in shards]
     while len(out) < steps:
         slots, d = [], di
         for _ in range(8):
@@ -317,12 +318,13 @@ def loader_reference(shards, steps, slot_len, max_seq, partial=False):
         used.append(si)
     return out, used
 
-def test_loader_bos_aligned_no_token_lost_or_repeated(tmp_path):
-    shards = [np.concatenate(learnable_docs(90, s, 10, 300)) for s in (1, 2)]
+@pytest.mark.parametrize("bos", [50256, SMALL_BOS])
+def test_loader_bos_aligned_no_token_lost_or_repeated(tmp_path, bos):
+    shards = [np.concatenate(learnable_docs(90, s, 10, 300, bos)) for s in (1, 2)]
     for i, s in enumerate(shards):
         write_shard(tmp_path / f"t_{i + 1:06d}.bin", s)
-    h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), bigram_vocab_size=0)
-    ref, used = loader_reference(shards, 7, 128, 100)
+    h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), bigram_vocab_size=0, bos_id=bos)
+    ref, used = loader_reference(shards, 7, 128, 100, bos=bos)
     assert used[0] == 0 and used[-1] == 1  # the steps cross from shard 1 into shard 2
     for world in (1, 2):
         loaders = [tg.TrainLoader(h, r, world, torch.device("cpu")) for r in range(world)]
@@ -333,7 +335,7 @@ def test_loader_bos_aligned_no_token_lost_or_repeated(tmp_path):
                 for a, (inp, tgt, bigram) in enumerate(batches):
                     assert bigram is None  # --bigram_vocab_size=0
                     expect = ref[step][r + a * world]
-                    assert inp[0] == 50256 and inp.dtype == torch.int32 and tgt.dtype == torch.int64
+                    assert inp[0] == bos and inp.dtype == torch.int32 and tgt.dtype == torch.int64
                     assert np.array_equal(inp.numpy(), expect[:-1]) and np.array_equal(tgt.numpy(), expect[1:])
                 assert [int(l.sum()) for l in lengths] == [129] * 8
 
@@ -368,16 +370,17 @@ def run_cli(args, cwd, **kw):
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=HANG_S,
                           **kw)
 
-# no prefix loss: tiktoken's GPT-2 vocabulary cannot be downloaded here (tests/test_stages.py brings its own)
-TINY = ["--prefix_weight=0", "--bigram_vocab_size=1024", "--num_layers=4", "--model_dim=64", "--num_heads=2",
-        "--train_batch_size=1024", "--train_max_seq_len=128",
-        "--val_tokens=3000", "--val_seq_len=1024", "--compile=0", "--kernel_warmup_steps=0"]
+# the small vocabulary of the gpt_files corpus; no prefix loss: tiktoken's GPT-2 vocabulary cannot be downloaded here
+# (tests/test_stages.py brings its own)
+TINY = SMALL_VOCAB + ["--prefix_weight=0", "--bigram_vocab_size=1024", "--num_layers=4", "--model_dim=64",
+                      "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128",
+                      "--val_tokens=3000", "--val_seq_len=1024", "--compile=0", "--kernel_warmup_steps=0"]
 
 @pytest.mark.parametrize("case", ["missing", "magic", "truncated", "vocab", "few_val", "world", "flag", "value"])
 def test_user_errors_are_one_line(tmp_path, gpt_files, case):
     files = gpt_files
     bad = tmp_path / "fineweb_train_000001.bin"
-    toks = np.concatenate(learnable_docs(50, 0))
+    toks = np.concatenate(learnable_docs(50, 0, bos=SMALL_BOS))
     args = {"missing": [f"--train_files={tmp_path}/fineweb_train_*.bin", files[1]],
             "magic": [f"--train_files={bad}", files[1]], "truncated": [f"--train_files={bad}", files[1]],
             "vocab": [f"--train_files={bad}", files[1]], "few_val": [files[0], files[1], "--val_tokens=10000000"],
@@ -451,7 +454,8 @@ def one_line_error(r):
     ("--train_batch_size=0", "--train_batch_size=0 must be >= 1"),
     ("--lr=nan", "--lr=nan must be a finite number"), ("--adam_lr=-0.1", "--adam_lr=-0.1 must be > 0"),
     ("--momentum=1.0", "--momentum=1.0 must be in [0, 1)"), ("--val_loss_every=-1", "--val_loss_every=-1 must be >= 0"),
-    ("--run_id=a/b", "plain file name"), ("--run_id=../../x", "plain file name"), ("--run_id=..", "plain file name")])
+    ("--bos_id=520", "--bos_id=520: give a token id below --vocab_size=520"),
+    ("--vocab_size=1020", "--vocab_size=1020: use a multiple of 8"), ("--run_id=a/b", "plain file name"), ("--run_id=../../x", "plain file name"), ("--run_id=..", "plain file name")])
 def test_values_that_would_break_the_run_are_refused_first(tmp_path, gpt_files, monkeypatch, flag, words):
     args = gpt_files + TINY + ["--repeat_data=1", "--num_iterations=4", "--num_extension_iterations=1", flag]
     assert words in main_error(args, tmp_path, monkeypatch)
@@ -513,7 +517,7 @@ def test_non_finite_loss_stops_at_the_first_validation_after_it(tmp_path, gpt_fi
             re.finditer(r"^step:(\d+)/12 val_loss:(\S+) .*?(?: train_loss:(\S+))? wnorm", body, re.M)}
     assert all(math.isfinite(v) for step in range(s) for v in vals[step])  # finite up to the step before the stop
     # the head starts at N(0, 0.005) and Adam first moves it after step 2: the first two steps predict near uniformly
-    assert abs(vals[1][1] - math.log(50304)) < 0.01 and abs(vals[2][1] - math.log(50304)) < 0.01
+    assert abs(vals[1][1] - math.log(520)) < 0.01 and abs(vals[2][1] - math.log(520)) < 0.01
     if stop[2] == f"the val loss is non-finite at step {s}: it diverged":
         assert math.isnan(vals[s][0])
     else:
@@ -579,10 +583,11 @@ def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_checkpoint(tmp_path, 
     assert os.path.exists(tmp_path / f"logs/int/state_step{saved:06d}.pt")
 
 def test_train_data_is_checked_before_the_first_step(tmp_path, gpt_files, monkeypatch):
-    shards = [np.concatenate(learnable_docs(60, s, 10, 300)) for s in (1, 2)]
+    shards = [np.concatenate(learnable_docs(60, s, 10, 300, SMALL_BOS)) for s in (1, 2)]
     for i, tokens in enumerate(shards):
         write_shard(tmp_path / f"t_{i + 1:06d}.bin", tokens)
-    per_shard = [len(loader_reference([t], 999, 128, 100, partial=True)[0]) for t in shards]  # the test's own loader
+    # the test's own loader
+    per_shard = [len(loader_reference([t], 999, 128, 100, partial=True, bos=SMALL_BOS)[0]) for t in shards]
     args = TINY + [f"--train_files={tmp_path}/t_*.bin", gpt_files[1], "--train_max_seq_len=100",
                    "--num_extension_iterations=1"]
     need = sum(per_shard) + 1
@@ -592,9 +597,9 @@ def test_train_data_is_checked_before_the_first_step(tmp_path, gpt_files, monkey
     monkeypatch.chdir(tmp_path)  # exactly enough passes the check, and so does any number with --repeat_data
     tg.check_train_data(tg.parse_args(args + [f"--num_iterations={need - 1}"]), [(128, 100)] * (need - 1))
     tg.check_train_data(tg.parse_args(args + ["--num_iterations=999", "--repeat_data=1"]), [(128, 100)] * 999)
-    write_shard(tmp_path / "t_000002.bin", np.concatenate([shards[1], [50304]]))  # a bad id at the end of shard 2
+    write_shard(tmp_path / "t_000002.bin", np.concatenate([shards[1], [520]]))  # a bad id at the end of shard 2
     msg = main_error(args + [f"--num_iterations={per_shard[0] + 1}"], tmp_path, monkeypatch)
-    assert "t_000002.bin: token id 50304 >= vocab size" in msg and not os.path.exists(tmp_path / "logs")
+    assert "t_000002.bin: token id 520 >= vocab size 520" in msg and not os.path.exists(tmp_path / "logs")
 
 def test_tokens_per_second_after_a_resume_count_its_own_steps_and_time(full_run, resumed_run):
     d = full_run[0]

@@ -21,6 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import train_gpt as tg
 from tests.gptdata import write_corpus
 
+BOS = 50256  # GPT-2's <|endoftext|>: the record's document start
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 T, HEADS, HEAD_DIM, SCALE = 8192, 6, 128, 0.12  # the record's heads; 0.12 about its YaRN-scaled attention scale
@@ -35,10 +37,10 @@ def compiled_attend():  # made on first use: torch.compile's imports cost second
 def documents(n, seed):
     """n tokens: documents of 300 to 3,000 tokens (shorter and longer than the windows), each starting with BOS."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, tg.BOS, n)
+    tokens = rng.integers(0, BOS, n)
     pos = 0
     while pos < n:
-        tokens[pos] = tg.BOS
+        tokens[pos] = BOS
         pos += int(rng.integers(300, 3000))
     return torch.from_numpy(tokens).int().cuda()
 
@@ -48,7 +50,7 @@ def dense_attention(q, k, v, tokens, window, paired):
     query i when j <= i, both lie in the same document and i - j <= window * 128 positions; in the paired stream
     position p belongs to token p // 2. q, k, v [1, n, heads, dim] (fp64 leaves)."""
     n = q.size(1)
-    doc_of_token = torch.cumsum((tokens == tg.BOS).long(), 0)
+    doc_of_token = torch.cumsum((tokens == BOS).long(), 0)
     pos = torch.arange(n, device=q.device, dtype=torch.int32)  # int32: the n x n differences of the paired stream
     doc = doc_of_token[(pos // 2 if paired else pos).long()]
     back = pos[:, None] - pos[None, :]

@@ -21,11 +21,11 @@ import plot  # noqa: E402
 import verify  # noqa: E402
 
 STEPS = 4  # validation at steps 0, 2 and 4
-GPT_TINY = ["--train_files=fineweb_train_*.bin", "--val_files=fineweb_val_000000.bin", "--prefix_weight=0",
-            "--bigram_vocab_size=1024", "--num_layers=2",
-            "--model_dim=64", "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128",
-            "--val_tokens=2048", f"--num_iterations={STEPS}", "--num_extension_iterations=1", "--compile=0",
-            "--kernel_warmup_steps=0", "--val_loss_every=2"]
+GPT_TINY = gptdata.SMALL_VOCAB + [
+    "--train_files=fineweb_train_*.bin", "--val_files=fineweb_val_000000.bin", "--prefix_weight=0",
+    "--bigram_vocab_size=1024", "--num_layers=2", "--model_dim=64", "--num_heads=2", "--train_batch_size=1024",
+    "--train_max_seq_len=128", "--val_tokens=2048", f"--num_iterations={STEPS}", "--num_extension_iterations=1",
+    "--compile=0", "--kernel_warmup_steps=0", "--val_loss_every=2"]
 CIFAR_TINY = ["--data_dir=cifar", "--runs=3", "--compile=0", "--widths=8,16,16", "--batch_size=100", "--epochs=2"]
 
 
@@ -46,10 +46,10 @@ def logs(tmp_path_factory):
     """Three GPT runs (seeds 1, 2, 3) and one CIFAR log of three runs, made side by side:
     {"gpt": [...], "cifar": path}."""
     d = tmp_path_factory.mktemp("runs")
-    gptdata.write_corpus(d)
+    gptdata.write_corpus(d, bos=gptdata.SMALL_BOS)
     write_cifar(d / "cifar" / "cifar-10-batches-py")
     # 4 processes share 2 cores; glibc without mmap for big blocks reuses freed memory instead of faulting in new pages
-    # for every 50304-wide logits tensor (a third of a tiny run's CPU time)
+    # for every big tensor
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**34))
     cmds = [[os.path.join(ROOT, "train_gpt.py"), *GPT_TINY, f"--seed={s}", f"--run_id=seed{s}"] for s in (1, 2, 3)]
     cmds.append([os.path.join(ROOT, "train_cifar.py"), *CIFAR_TINY])

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tests.gptdata import write_tiktoken_plugin
+from tests.gptdata import SMALL_BOS, SMALL_VOCAB, write_tiktoken_plugin
 from tests.test_gpt import SCRIPT, parse_log, rel, run_cli
 from conftest import HANG_S
 
-BOS_ID = 50256  # GPT-2's <|endoftext|>, the document start in the shards
+BOS_ID = SMALL_BOS  # the document start in the gpt_files corpus (its small vocabulary)
 # the tiny model of tests/test_techniques.py; no prefix loss unless a test brings a tokenizer (GPT-2's cannot be
 # downloaded here)
-SMALL = ["--num_layers=4", "--model_dim=16", "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128",
-         "--val_tokens=1000", "--val_seq_len=1024", "--compile=0", "--kernel_warmup_steps=0",
-         "--bigram_vocab_size=1024"]
+SMALL = SMALL_VOCAB + ["--num_layers=4", "--model_dim=16", "--num_heads=2", "--train_batch_size=1024",
+                       "--train_max_seq_len=128", "--val_tokens=1000", "--val_seq_len=1024", "--compile=0",
+                       "--kernel_warmup_steps=0", "--bigram_vocab_size=1024"]
 NO_PREFIX = ["--prefix_weight=0"]
 # 6 steps, 1 of them extension: 5 scheduled steps in stages [0, 2) [2, 3) [3, 5) (round(k * 5 / 3)), untie at step 3
 SHORT = ["--num_iterations=6", "--num_extension_iterations=1"]
@@ -120,9 +120,9 @@ def test_validation_softcap_on_bf16_logits_as_the_record(fp32_softcap):
     model = tg.GPT(h, 256, torch.bfloat16).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)  # logits of a few units: the bf16 softcap rounds visibly
-    inputs = torch.from_numpy(np.random.default_rng(4).integers(0, 1000, 256)).int()
+    inputs = torch.from_numpy(np.random.default_rng(4).integers(0, h.vocab_size, 256)).int()
     inputs[0] = BOS_ID
-    targets = torch.from_numpy(np.random.default_rng(5).integers(0, 1000, 256))
+    targets = torch.from_numpy(np.random.default_rng(5).integers(0, h.vocab_size, 256))
     seen = []
     model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
     with torch.no_grad():
@@ -162,7 +162,7 @@ def loss_reference(z, targets, mtp, prefix_targets, prefix, across_docs):
 @pytest.mark.parametrize("across_docs", [True, False])
 def test_mtp_and_prefix_loss_against_a_loop(across_docs):
     rng = random.Random(7)
-    T, V = 40, BOS_ID + 4  # the vocabulary holds the BOS id, as the real 50304 does
+    T, V = 40, BOS_ID + 4  # the vocabulary holds the BOS id
     targets = [rng.randrange(30) for _ in range(T)]
     for t in (5, 6, 20, 37, 39):
         targets[t] = BOS_ID  # two in a row, one near the end, the last
@@ -172,7 +172,7 @@ def test_mtp_and_prefix_loss_against_a_loop(across_docs):
     torch.manual_seed(7)
     z = (torch.randn(T, V, dtype=torch.float64) * 3).requires_grad_()
     loss, next_token = tg.training_loss(z, torch.tensor(targets), torch.tensor(mtp), torch.tensor(prefix_targets),
-                                        torch.tensor(prefix), across_docs)
+                                        torch.tensor(prefix), across_docs, bos_id=BOS_ID)
     ref_loss, ref_next, ref_grad = loss_reference(z.detach(), targets, mtp, prefix_targets, prefix, across_docs)
     assert loss.item() == pytest.approx(ref_loss, rel=1e-6)  # log_softmax runs in fp32
     assert next_token.item() == pytest.approx(ref_next, rel=1e-6)  # unweighted, every position
@@ -269,7 +269,7 @@ def test_bigram_injection_with_its_sign_row(monkeypatch):
     torch.manual_seed(0)
     model = tg.GPT(h, 256, torch.float32).eval()
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 50257, 256)
+    tokens = rng.integers(0, h.vocab_size, 256)
     tokens[[0, 100]] = BOS_ID
     inputs = torch.from_numpy(tokens).int()
     bigram_rows = torch.from_numpy(tg.bigram_index(tokens, 1024))
@@ -518,18 +518,19 @@ def test_world_size_2_matches_world_size_1_across_stages_and_the_untie(staged_ru
     expect = [0 if name == "ve_gate_bank" else 3 for name in adam_names]
     assert a["loader"] == b["loader"] and a["adam_t"] == b["adam_t"] == expect
     # fp32 on CPU: the two worlds sum gradients in another order (about 1e-6 after the first Adam step); NorMuon's
-    # banks pass through Polar Express in bf16, where such noise flips roundings (2^-8 each): up to 2.1e-3 seen on the
-    # banks after 6 steps, 2.4e-4 on the weights they feed, and more in the tiny gate matrices. A missing reduction
-    # or a wrong shard is off by O(1).
+    # banks pass through Polar Express in bf16, where such noise flips roundings (2^-8 each): up to 5.9e-3 seen on the
+    # banks after 6 steps, 1.4e-2 on the zero-initialised bigram table and 5.3e-3 on the MUDD matrices they feed, more
+    # in the tiny gate matrices (the small vocabulary: every embedding row is trained, none stays equal at its init to
+    # dilute the difference). A missing reduction or a wrong shard is off by O(1).
     for k, v in a["model"].items():
-        assert rel(b["model"][k], v) < (0.3 if "gate" in k else 1e-2 if "bank" in k else 1e-3), k
+        assert rel(b["model"][k], v) < (0.3 if "gate" in k else 3e-2), k
     for sd in (a, b):
         assert (sd["model"]["embed.weight"] - sd["model"]["lm_head.weight"]).abs().max() > 1e-6
     # the sharded moments, gathered (the untied embedding's too); their gradients carry the banks' rounding noise
-    # (up to 3.1e-3 seen outside the gates)
+    # (up to 2.5e-2 seen outside the gates, on the second moments of the 8 post lambdas)
     for name, sa, sb in zip(adam_names, a["adam"], b["adam"]):
         for key in ("m", "v"):
-            bound = 0.3 if "gate" in name else 1e-2
+            bound = 0.3 if "gate" in name else 0.1
             assert rel(sb[key], sa[key]) < bound if sa[key].norm() > 0 else sb[key].norm() == 0, (name, key)
     va, vb = parse_log(d / "logs/full.txt")[2], parse_log(d / "logs/w2.txt")[2]
     assert [step for step, _ in va] == [step for step, _ in vb] == [6] and abs(va[0][1] - vb[0][1]) < 1e-3, (va, vb)
@@ -572,8 +573,8 @@ def test_tiny_run_learns_with_the_full_recipe_and_prefix_loss(tmp_path, gpt_file
     code, env, vals, steps, summary = parse_log(tmp_path / "logs/full.txt")
     assert "prefix_weight='0.25/0.25>0/0'" in env and "mtp_weights='1,0.5,0.25>1,0.5,0/1,0.5>1,0/1'" in env
     assert [step for step, _ in vals] == [0, 10] and len(steps) == 10
-    assert vals[0][1] == pytest.approx(math.log(50304), abs=0.01)  # the N(0, 0.005) head: near uniform
-    assert vals[1][1] < 0.85 * vals[0][1], vals  # 8.4 when written
+    assert vals[0][1] == pytest.approx(math.log(520), abs=0.01)  # the N(0, 0.005) head: near uniform
+    assert vals[1][1] < math.log(512) - 0.5, vals  # better than uniform over the corpus's 512 ids (5.40 when written)
     assert summary and float(summary[1]) == vals[-1][1]
 
 def test_prefix_table_is_built_on_the_clock_from_the_encoding(tmp_path, gpt_files, monkeypatch):
@@ -603,7 +604,7 @@ def test_prefix_table_is_built_on_the_clock_from_the_encoding(tmp_path, gpt_file
     tg.main(gpt_files + SMALL + ["--prefix_encoding=stages_tiny", "--num_iterations=1", "--num_extension_iterations=0",
                                  "--val_tokens=256", "--run_id=table"])
     assert events == ["vocab", "clock", "table", "step0"]
-    expect = prefix_brute(vocab, 50304)
+    expect = prefix_brute(vocab, 520)
     assert sum(e >= 0 for e in expect) == 256 and trainers[0].model.prefix_table.tolist() == expect
     # without the prefix loss the encoding is never loaded: staged_run
 

@@ -6,14 +6,16 @@ import pytest
 import torch
 
 import train_gpt as tg
+from tests.gptdata import SMALL_VOCAB
 from tests.test_gpt import parse_log, rel, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# narrower than test_gpt's TINY (the 50304-wide head dominates a CPU step); no prefix loss (tiktoken is offline here)
-SMALL = ["--prefix_weight=0", "--bigram_vocab_size=1024", "--num_layers=4", "--model_dim=16", "--num_heads=2",
-         "--train_batch_size=1024", "--train_max_seq_len=128",
-         "--val_tokens=1000", "--val_seq_len=1024", "--compile=0", "--kernel_warmup_steps=0"]
+# narrower than test_gpt's TINY, in the small vocabulary of the gpt_files corpus; no prefix loss (tiktoken is offline
+# here)
+SMALL = SMALL_VOCAB + ["--prefix_weight=0", "--bigram_vocab_size=1024", "--num_layers=4", "--model_dim=16",
+                       "--num_heads=2", "--train_batch_size=1024", "--train_max_seq_len=128", "--val_tokens=1000",
+                       "--val_seq_len=1024", "--compile=0", "--kernel_warmup_steps=0"]
 
 # ---------------------------------------------------------------------------------------------- LR schedules
 
