@@ -288,6 +288,10 @@ def scaled_mm(a: Tensor, b: Tensor, out_dtype, a_scale: float, b_scale: float, f
     return torch._scaled_mm(a, b, out_dtype=out_dtype, scale_a=scale(a_scale), scale_b=scale(b_scale),
                             use_fast_accum=fast_accum)
 
+# record #89's FP8 head: x and W in e4m3 scaled by 100/448 and 1.6/448, the logits' gradient in e5m2 by 0.75/448 for
+# a loss summed over 8 slots; ours is divided by 8 before backward (train_step), so its gradient scale is / 8 too
+HEAD_SCALES = (100 / 448, 1.6 / 448, 0.75 / 448 / 8)
+
 @torch.library.custom_op("speedrun::fp8_mm", mutates_args=())
 def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float) -> tuple[Tensor, Tensor, Tensor]:
     """x @ w.T in bf16 with both operands in e4m3 (scaled by constants); also returns the FP8 operands for backward."""
@@ -300,25 +304,26 @@ def _(x, w, x_s, w_s):
             torch.empty_like(w, dtype=torch.float8_e4m3fn))
 
 @torch.library.custom_op("speedrun::fp8_mm_backward", mutates_args=())
-def fp8_mm_backward(g: Tensor, xf: Tensor, wf: Tensor, x_s: float, w_s: float, g_s: float) -> tuple[Tensor, Tensor]:
-    """(g @ w, g.T @ x) with g in e5m2: grad_x bf16 [N, D], grad_w fp32 [V, D], both row-major as the fake says (a
+def fp8_mm_backward(gf: Tensor, xf: Tensor, wf: Tensor, x_s: float, w_s: float, g_s: float) -> tuple[Tensor, Tensor]:
+    """(g @ w, g.T @ x) from gf = g / g_s in e5m2, made by the caller's (compiled) code, so that the cast fuses into
+    the kernel that computes g: grad_x bf16 [N, D], grad_w fp32 [V, D], both row-major as the fake says (a
     transposed view of a [D, V] product would fail Inductor's stride assert in the first compiled backward)."""
-    gf = (g / g_s).to(torch.float8_e5m2)
     grad_x = scaled_mm(gf, wf.T.contiguous().T, torch.bfloat16, g_s, w_s)
     grad_w = scaled_mm(gf.T.contiguous(), xf.T.contiguous().T, torch.float32, g_s, x_s)
     return grad_x, grad_w
 
 @fp8_mm_backward.register_fake
-def _(g, xf, wf, x_s, w_s, g_s):
-    return g.new_empty(g.size(0), wf.size(1), dtype=torch.bfloat16), g.new_empty(wf.shape, dtype=torch.float32)
+def _(gf, xf, wf, x_s, w_s, g_s):
+    return gf.new_empty(gf.size(0), wf.size(1), dtype=torch.bfloat16), gf.new_empty(wf.shape, dtype=torch.float32)
 
 def _fp8_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
     ctx.scales = inputs[2], inputs[3]
 
-def _fp8_backward(ctx, grad, *_):  # the record's gradient scale 0.75/448 for a loss summed over 8 slots / 8
+def _fp8_backward(ctx, grad, *_):
     xf, wf = ctx.saved_tensors
-    return *fp8_mm_backward(grad, xf, wf, *ctx.scales, 0.75 / 448 / 8), None, None
+    gf = (grad.float() / HEAD_SCALES[2]).to(torch.float8_e5m2)  # one rounding, eager as compiled (fused there)
+    return *fp8_mm_backward(gf, xf, wf, *ctx.scales, HEAD_SCALES[2]), None, None
 
 fp8_mm.register_autograd(_fp8_backward, setup_context=_fp8_setup)
 
@@ -336,7 +341,7 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x):
         if self.fp8 and self.training:
-            out = fp8_mm(x.flatten(0, -2), self.weight, 100 / 448, 1.6 / 448)[0]  # the record's #89 scales
+            out = fp8_mm(x.flatten(0, -2), self.weight, *HEAD_SCALES[:2])[0]
             return out.view(*x.shape[:-1], -1)
         return F.linear(x, self.weight.type_as(x))
 
@@ -470,25 +475,70 @@ def dc_attention(q, k, v, w1, w2, docs, scale, window):
 def softcap(logits):  # the record's asymmetric logit cap
     return 23 * torch.sigmoid((logits + 5) / 7.5)
 
-def training_loss(z, targets, mtp, prefix_targets, prefix, across_docs=True, bos_id=50256):
-    """Sum over positions t of sum_k mtp[k] * CE(z_t, targets[t + k]) + prefix * CE(z_t, prefix_targets[t]), on the
-    softcapped logits z [T, V]. A prediction past the slot's end (with across_docs=False: past the end of t's
-    document, a bos_id target before it) and a prefix target of -1 count 0. Returns (that sum, the next-token CE
-    sum)."""
-    T, K = z.size(0), mtp.numel()
+def loss_columns(targets, mtp, prefix_targets, prefix, across_docs=True, bos_id=50256):
+    """The training loss's terms as [T, K + 1] target columns and weights: for position t, mtp[k] on targets[t + k]
+    (0 past the slot's end, and with across_docs=False past the end of t's document: a bos_id target before it), and
+    prefix on prefix_targets[t] (0 where it is -1)."""
+    T, K = targets.numel(), mtp.numel()
     bos_seen = F.pad((targets == bos_id).int().cumsum(0), (1, 0))  # documents started in targets[:t]
-    cols, weights = [], []  # one gather for all terms: each row's target columns and their weights
+    cols, weights = [], []
     for k in range(K):
-        valid = torch.arange(T, device=z.device) < T - k
+        valid = torch.arange(T, device=targets.device) < T - k
         if not across_docs and k:
             valid = valid & (F.pad(bos_seen[k:T], (0, k)) == bos_seen[:T])
         cols.append(F.pad(targets[k:], (0, k)))
         weights.append(mtp[k] * valid)
     cols.append(prefix_targets.clamp_min(0))
     weights.append(prefix * (prefix_targets >= 0))
-    cols, weights = torch.stack(cols, 1), torch.stack(weights, 1)
-    log_probs = F.log_softmax(z.float(), dim=-1).gather(1, cols)
-    return -(log_probs * weights).sum(), -log_probs[:, 0].sum()
+    return torch.stack(cols, 1), torch.stack(weights, 1)
+
+def wide(t):  # fp32 arithmetic for bf16/fp32 tensors; fp64 stays fp64 (the tests' exact references)
+    return t if t.dtype == torch.float64 else t.float()
+
+class SoftcappedHeadLoss(torch.autograd.Function):
+    """The head and the training loss in one function, as record #89's fused softcapped cross-entropy: the loss is
+    sum_t sum_j weights[t, j] * (lse_t - z[t, cols[t, j]]) on z = 23 s, s = sigmoid((x W^T + 5) / 7.5) computed in
+    fp32 from the head's logits and rounded once to their dtype (bf16 on a GPU), lse in fp32. Forward keeps s and
+    one fp32 number a row (never an fp32 T x V tensor); backward computes the logits' gradient
+    (sum_j weights * softmax(z) - the weights on their target columns) * 23 / 7.5 * s (1 - s) in fp32 in one
+    pointwise pass, and with fp8 rounds it once, to the e5m2 that the FP8 head's backward multiplies with.
+    Returns (the weighted loss sum, the next-token loss sum); the second has no gradient."""
+    @staticmethod
+    def forward(ctx, x, w, cols, weights, fp8: bool):
+        if fp8:
+            logits, xf, wf = fp8_mm(x, w, *HEAD_SCALES[:2])
+        else:
+            logits, xf, wf = F.linear(x, w.type_as(x)), x, w.type_as(x)
+        s = torch.sigmoid((wide(logits) + 5) / 7.5).to(logits.dtype)
+        lse = torch.logsumexp(23 * wide(s), dim=-1)
+        picked = 23 * wide(s.gather(1, cols))
+        ctx.save_for_backward(s, lse, cols, weights, xf, wf)
+        ctx.fp8, ctx.w_dtype = fp8, w.dtype
+        next_token = (lse - picked[:, 0]).sum()
+        ctx.mark_non_differentiable(next_token)
+        return (weights * (lse[:, None] - picked)).sum(), next_token
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        s, lse, cols, weights, xf, wf = ctx.saved_tensors
+        u, vocab = wide(s), torch.arange(s.size(1), device=s.device)
+        grad_z = weights.sum(1, keepdim=True) * torch.exp(23 * u - lse[:, None])
+        for j in range(cols.size(1)):  # the one-hot targets as compares: no gather's fp32 scatter buffer
+            grad_z = grad_z - weights[:, j, None] * (vocab == cols[:, j, None])
+        grad_logits = grad * grad_z * (23 / 7.5) * u * (1 - u)
+        if ctx.fp8:
+            gf = (grad_logits / HEAD_SCALES[2]).to(torch.float8_e5m2)
+            grad_x, grad_w = fp8_mm_backward(gf, xf, wf, *HEAD_SCALES)
+        else:
+            grad_logits = grad_logits.to(s.dtype)
+            grad_x, grad_w = grad_logits @ wf, grad_logits.T @ xf
+        return grad_x, grad_w.to(ctx.w_dtype), None, None, None
+
+def head_loss(x, head, targets, mtp, prefix_targets, prefix, across_docs=True, bos_id=50256):
+    """Training: the head on x [T, D] and the loss of loss_columns' terms (SoftcappedHeadLoss), FP8 where the head
+    is. Returns (the weighted loss sum, the next-token loss sum)."""
+    cols, weights = loss_columns(targets, mtp, prefix_targets, prefix, across_docs, bos_id)
+    return SoftcappedHeadLoss.apply(x, head.weight, cols, weights, head.fp8 and head.training)
 
 def bigram_index(tokens, rows):
     """Bigram hash rows of a slot (numpy, host): ((36313 cur) ^ (27191 prev)) mod (rows - 1) in wrapping int32
@@ -723,10 +773,9 @@ class GPT(nn.Module):
         saved = (cache[0], cache.get(SHARED_IN), cache["last_in"], ve.get(1, None), cache.get(SKIP_FROM))
         x = x + sum(m * s for m, s in zip(mu, saved) if s is not None)
         x = norm(x)[0]
-        if mtp is not None:  # training: cross-entropy on the (bf16 on GPU) softcapped logits
-            z = softcap(self.lm_head(x))
-            return training_loss(z, targets, mtp, self.prefix_table[targets], prefix, self.mtp_across_docs,
-                                 self.bos_id)
+        if mtp is not None:  # training: the head and the loss fused (bf16 logits on a GPU, FP8 where the head is)
+            return head_loss(x, self.lm_head, targets, mtp, self.prefix_table[targets], prefix, self.mtp_across_docs,
+                             self.bos_id)
         loss = x.new_zeros((), dtype=torch.float32)
         for i in range(0, x.size(0), head_chunk):  # a chunk at a time; the cross-entropy in fp32
             logits = self.lm_head(x[i:i + head_chunk])

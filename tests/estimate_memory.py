@@ -19,12 +19,13 @@ torch, and nothing else:
   whose fake implementation allocates what the CUDA kernel returns (out, logsumexp) and, in backward, dq, dk, dv;
 - F.rms_norm, which a CPU decomposes into fp32 operators, runs as an autograd function that keeps for backward what
   CUDA's fused kernel keeps (the input and one fp32 number per row);
+- the fused head and loss (SoftcappedHeadLoss) allocates what its compiled kernels allocate (compiled_head_loss);
 - the collectives are replaced by stand-ins that move no data and keep their tensors alive until wait(), as NCCL does.
 tests/test_compile_memory.py checks the result against a hand count (record_terms): its weights, optimizer state and
 buffers were re-derived for record #89's model (banks, value-embedding table, MUDD weights; NorMuon momentum and second
 moments of ceil(n / 8) matrices a bank) and match exactly; its bounds on the saved activations were re-derived per
-layer kind (attention + MLP, MLP only, the last layer with MUDD and the DC correction), while the head's 14 bytes per
-logit at the peak are carried over from the #43-model estimate (the loss and the head are unchanged).
+layer kind (attention + MLP, MLP only, the last layer with MUDD and the DC correction) and the head's 3 bytes per
+logit at the peak (s in bf16 and the e5m2 gradient).
 """
 import contextlib, dataclasses, os, sys
 from unittest import mock
@@ -39,17 +40,15 @@ WORLD = 8
 GB = 1e9
 
 LEFT_OUT = """left out of the estimate:
-- torch.compile: the compiled graph fuses pointwise chains (rms_norm, rotary, relu^2, XSA, the gates, the MUDD mixes,
-  the bigram sign product, the softcap, its fp32 upcast and the log-softmax) and its partitioner keeps fewer tensors
-  for backward, recomputing cheap ones: the compiled peak is likely lower, most of all at the head, where the eager
-  loss keeps the softcap's sigmoid (bf16) and the log-softmax (fp32) of the 49,152 x 50,304 logits and its backward
-  adds two fp32 gradients of that size (record #89 runs a fused softcapped cross-entropy kernel instead), and in the
-  DC correction of the last layer, whose eager banded form keeps fp32 scores' softmax and fp32 copies of q and the
-  banded keys (the record runs a Triton kernel)
+- torch.compile in the layers: the compiled graph fuses pointwise chains (rms_norm, rotary, relu^2, XSA, the gates,
+  the MUDD mixes, the bigram sign product) and its partitioner keeps fewer tensors for backward, recomputing cheap
+  ones: the compiled peak is likely lower, most of all in the DC correction of the last layer, whose eager banded
+  form keeps fp32 scores' softmax and fp32 copies of q and the banded keys (the record runs a Triton kernel)
 - the record's FP8 MLP projections and its bf16 banks with separately kept mantissas (here: bf16 MLP, fp32 banks)
 - FlexAttention's compiled kernels: their workspace is not modelled (the operator's outputs and gradients are)
-- the FP8 head's kernels: _scaled_mm's internals and the scaled bf16 copies inside fp8_mm / fp8_mm_backward (only the
-  operator's outputs count: bf16 logits, e4m3 copies of x and W, and in backward grad_x bf16 and grad_w fp32)
+- the FP8 head's kernels: _scaled_mm's internals and the copies inside fp8_mm / fp8_mm_backward (only the operator's
+  outputs count: bf16 logits, e4m3 copies of x and W, and in backward grad_x bf16 and grad_w fp32; the gradient's
+  transposed e5m2 copy comes after s is freed in the compiled backward)
 - the caching allocator: rounding to 512-byte blocks (negligible here), fragmentation and cached free blocks, which is
   what "reserved" adds (the reference reserved 50,528 MiB for its 29,248 MiB allocated)
 - NCCL's own buffers and the CUDA context (outside torch's allocator); the Polar Express kernels' workspace
@@ -117,6 +116,34 @@ class OneSlotLoader:
         return [(buf[0, :-1], buf[0, 1:].long(), buf[1, :-1])], []
 
 
+def compiled_head_loss(tg):
+    """tg.SoftcappedHeadLoss as its compiled kernels allocate (tests/test_cuda_path.py reads these buffers from
+    Inductor's generated code): forward, the FP8 head's bf16 logits, which the softcap overwrites in place and backward
+    keeps (s), and one fp32 number a row; backward, the e5m2 gradient, then the FP8 products. Its eager arithmetic
+    would add fp32 T x V temporaries that the compiled kernels keep in registers. (The compiled backward frees s
+    before fp8_mm_backward transposes the gradient, 1 byte a logit more, inside the operator: here s stays, which
+    counts the same.)"""
+    class CompiledHeadLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, cols, weights, fp8):
+            assert fp8, "the estimate runs the FP8 head, as an H100"
+            s, xf, wf = tg.fp8_mm(x, w, *tg.HEAD_SCALES[:2])
+            lse = s.new_empty(s.size(0), dtype=torch.float32)
+            ctx.save_for_backward(s, lse, xf, wf)
+            ctx.w_dtype = w.dtype
+            next_token = lse.sum()
+            ctx.mark_non_differentiable(next_token)
+            return lse.sum(), next_token
+
+        @staticmethod
+        def backward(ctx, grad, _):
+            s, lse, xf, wf = ctx.saved_tensors
+            gf = torch.empty_like(s, dtype=torch.float8_e5m2)
+            grad_x, grad_w = tg.fp8_mm_backward(gf, xf, wf, *tg.HEAD_SCALES)
+            return grad_x, grad_w.to(ctx.w_dtype), None, None, None
+    return CompiledHeadLoss
+
+
 def record_steps(schedule):
     """The first two steps of the last stage after the untie (848 and 849 by default): an even step, then an odd one
     that runs Adam on the gradients of both."""
@@ -180,6 +207,7 @@ def estimate(h=None):
 
     patches = [mock.patch.object(tg, "GPT", gpt_on_meta), mock.patch.object(tg, "dist", NoCollectives()),
                mock.patch.object(tg, "norm", FusedRMSNorm.apply),
+               mock.patch.object(tg, "SoftcappedHeadLoss", compiled_head_loss(tg)),
                mock.patch.object(flex_module, "_validate_device", lambda *tensors: None),
                mock.patch.object(flex_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)]
     # non-fake inputs: the meta-device model is the input of Trainer's .to(device)

@@ -898,8 +898,7 @@ def child_micro(spec):
             lm_head = tg.CastedLinear(D, V, fp8=fp8).to(dev, dt).train()
             lm_head.weight.data.copy_(weight)
             x = x0.clone().requires_grad_()
-            loss_fn = compile_fn(lambda x: tg.training_loss(tg.softcap(lm_head(x)), targets, mtp, prefix_targets,
-                                                            prefix)[0])
+            loss_fn = compile_fn(lambda x: tg.head_loss(x, lm_head, targets, mtp, prefix_targets, prefix)[0])
 
             def clear():
                 x.grad = lm_head.weight.grad = None
@@ -915,7 +914,7 @@ def child_micro(spec):
             emit(f"head_{name}_peak_gib", peak_gib(step, clear))
             out[name] = (step().item(), x.grad.clone(), lm_head.weight.grad.clone())
             del lm_head, x, loss_fn
-        emit("head_shape", f"x [{N}, {D}] -> CastedLinear({D}, {V}) -> softcap -> training_loss")
+        emit("head_shape", f"x [{N}, {D}] -> head_loss: CastedLinear({D}, {V}), softcap and loss fused")
         emit("head_fp8_vs_bf16_loss_rel", abs(out["fp8"][0] - out["bf16"][0]) / abs(out["bf16"][0]))
         emit("head_fp8_vs_bf16_grad_x_rel", fro(out["fp8"][1], out["bf16"][1]))
         emit("head_fp8_vs_bf16_grad_w_rel", fro(out["fp8"][2], out["bf16"][2]))

@@ -5,7 +5,7 @@
 - compiled FlexAttention (torch.compile(tg.attend) on tg.make_masks(..., flex=True)) against the portable twin
   (flex=False, fp32) and against a dense fp64 attention over a T x T mask built here from the masking rule, forward
   and gradients, for the short, long (key offset) and paired (doubled stream) kinds at T = 8192, bf16;
-- the FP8 head against the bf16 head and an fp64 reference written here: training_loss and its gradients;
+- the FP8 head against the bf16 head and an fp64 reference written here: head_loss and its gradients;
 - a tiny Trainer on CUDA with compile on: kernel_warmup compiles every training shape and restores the weights, the
   steps after it through both stages compile nothing.
 """
@@ -112,7 +112,7 @@ def test_fp8_head_loss_and_gradients_match_bf16_and_fp64():
         head = tg.CastedLinear(D, V, fp8=fp8).cuda().bfloat16().train()
         head.weight.data.copy_(weight)
         xi = x.clone().requires_grad_()
-        loss = tg.training_loss(tg.softcap(head(xi)), targets, mtp, no_prefix, prefix)[0]
+        loss = tg.head_loss(xi, head, targets, mtp, no_prefix, prefix)[0]
         (loss / 8).backward()  # as Trainer.train_step: a slot's loss over 8 slots (the FP8 gradient scale assumes it)
         results[fp8] = (loss.item(), xi.grad.double(), head.weight.grad.double())
     # the reference in fp64 from the same bf16 values: logits capped as 23 sigmoid((z + 5) / 7.5), summed CE

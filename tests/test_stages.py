@@ -159,6 +159,22 @@ def loss_reference(z, targets, mtp, prefix_targets, prefix, across_docs):
             grad[t, y] -= w
     return total, next_token, grad
 
+def fp64_head(T, D, V, seed):
+    """x [T, D] and a CastedLinear(D, V) in fp64, logits of a few units (the softcap's curve matters)."""
+    torch.manual_seed(seed)
+    head = tg.CastedLinear(D, V).double().train()
+    with torch.no_grad():
+        head.weight.normal_(0, 0.6)
+    return torch.randn(T, D, dtype=torch.float64).requires_grad_(), head
+
+def loss_chain(x, head, targets, mtp, prefix_targets, prefix, across_docs):
+    """loss_reference on z = softcap(x W^T), its z-gradient taken back to x and W by hand."""
+    w = head.weight.detach()
+    s = torch.sigmoid((x.detach() @ w.T + 5) / 7.5)
+    total, next_token, grad_z = loss_reference(23 * s, targets, mtp, prefix_targets, prefix, across_docs)
+    grad_logits = grad_z * 23 / 7.5 * s * (1 - s)
+    return total, next_token, grad_logits @ w, grad_logits.T @ x.detach()
+
 @pytest.mark.parametrize("across_docs", [True, False])
 def test_mtp_and_prefix_loss_against_a_loop(across_docs):
     rng = random.Random(7)
@@ -169,22 +185,62 @@ def test_mtp_and_prefix_loss_against_a_loop(across_docs):
     prefix_targets = [rng.randrange(-1, 30) if t % 3 else -1 for t in range(T)]
     prefix_targets[11] = V - 1  # a prefix id far from the targets
     mtp, prefix = [0.7, 0.5, 0.25, 0.1], 0.3
-    torch.manual_seed(7)
-    z = (torch.randn(T, V, dtype=torch.float64) * 3).requires_grad_()
-    loss, next_token = tg.training_loss(z, torch.tensor(targets), torch.tensor(mtp), torch.tensor(prefix_targets),
-                                        torch.tensor(prefix), across_docs, bos_id=BOS_ID)
-    ref_loss, ref_next, ref_grad = loss_reference(z.detach(), targets, mtp, prefix_targets, prefix, across_docs)
-    assert loss.item() == pytest.approx(ref_loss, rel=1e-6)  # log_softmax runs in fp32
-    assert next_token.item() == pytest.approx(ref_next, rel=1e-6)  # unweighted, every position
+    x, head = fp64_head(T, 8, V, seed=7)
+    loss, next_token = tg.head_loss(x, head, torch.tensor(targets), torch.tensor(mtp, dtype=torch.float64),
+                                    torch.tensor(prefix_targets), torch.tensor(prefix, dtype=torch.float64),
+                                    across_docs, bos_id=BOS_ID)
+    ref_loss, ref_next, ref_grad_x, ref_grad_w = loss_chain(x, head, targets, mtp, prefix_targets, prefix, across_docs)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-12)
+    assert next_token.item() == pytest.approx(ref_next, rel=1e-12)  # unweighted, every position
     loss.backward()
-    assert rel(z.grad, ref_grad) < 1e-6
+    assert rel(x.grad, ref_grad_x) < 1e-12 and rel(head.weight.grad, ref_grad_w) < 1e-12
     # the reference tells apart what the flags and -1 change, by far more than the tolerance
-    other = loss_reference(z.detach(), targets, mtp, prefix_targets, prefix, not across_docs)[0]
+    z = 23 * torch.sigmoid((x.detach() @ head.weight.detach().T + 5) / 7.5)
+    other = loss_reference(z, targets, mtp, prefix_targets, prefix, not across_docs)[0]
     assert abs(other - ref_loss) > 1e-3 * abs(ref_loss)
-    no_prefix = loss_reference(z.detach(), targets, mtp, [-1] * T, prefix, across_docs)[0]
+    no_prefix = loss_reference(z, targets, mtp, [-1] * T, prefix, across_docs)[0]
     assert abs(no_prefix - ref_loss) > 1e-3 * abs(ref_loss)
     minus_one_as_zero = [max(0, p) for p in prefix_targets]
-    assert abs(loss_reference(z.detach(), targets, mtp, minus_one_as_zero, prefix, across_docs)[0] - ref_loss) > 1
+    assert abs(loss_reference(z, targets, mtp, minus_one_as_zero, prefix, across_docs)[0] - ref_loss) > 1
+
+def todays_training_loss(z, targets, mtp, prefix_targets, prefix, across_docs):
+    """The loss before the fused head (on the softcapped logits z: log_softmax, then one gather of every term's
+    column), kept here as a reference: its terms are the loop's, so only the fused arithmetic is under test."""
+    T = z.size(0)
+    bos_seen = torch.nn.functional.pad((targets == BOS_ID).int().cumsum(0), (1, 0))
+    cols, weights = [], []
+    for k in range(mtp.numel()):
+        valid = torch.arange(T) < T - k
+        if not across_docs and k:
+            valid = valid & (torch.nn.functional.pad(bos_seen[k:T], (0, k)) == bos_seen[:T])
+        cols.append(torch.nn.functional.pad(targets[k:], (0, k)))
+        weights.append(mtp[k] * valid)
+    cols.append(prefix_targets.clamp_min(0))
+    weights.append(prefix * (prefix_targets >= 0))
+    log_probs = torch.log_softmax(z, dim=-1).gather(1, torch.stack(cols, 1))
+    return -(log_probs * torch.stack(weights, 1)).sum(), -log_probs[:, 0].sum()
+
+@pytest.mark.parametrize("mtp", [[1.0], [1.0, 0.5], [1.0, 0.5, 0.25], [1.0, 0.0, 0.5], [0.0, 1.0]])
+@pytest.mark.parametrize("prefix", [0.0, 0.25])
+@pytest.mark.parametrize("across_docs", [True, False])
+def test_fused_head_loss_equals_todays_loss_in_fp64(mtp, prefix, across_docs):
+    """The fused head and loss (SoftcappedHeadLoss, its hand-written backward) against the earlier path, the head
+    then softcap then todays_training_loss under autograd, in fp64, for each weight pattern of the stages."""
+    T, D, V = 96, 16, BOS_ID + 8
+    g = torch.Generator().manual_seed(len(mtp) + int(10 * prefix))
+    targets = torch.randint(0, V, (T,), generator=g)
+    targets[torch.randperm(T, generator=g)[:6]] = BOS_ID  # six documents start inside the slot
+    prefix_targets = torch.where(torch.rand(T, generator=g) < 0.6, torch.randint(0, V, (T,), generator=g), -1)
+    mtp, prefix = torch.tensor(mtp, dtype=torch.float64), torch.tensor(prefix, dtype=torch.float64)
+    x, head = fp64_head(T, D, V, seed=3)
+    loss, next_token = tg.head_loss(x, head, targets, mtp, prefix_targets, prefix, across_docs, bos_id=BOS_ID)
+    grads = torch.autograd.grad(loss, (x, head.weight))
+    x_ref, w_ref = x.detach().clone().requires_grad_(), head.weight.detach().clone().requires_grad_()
+    ref, ref_next = todays_training_loss(tg.softcap(x_ref @ w_ref.T), targets, mtp, prefix_targets, prefix, across_docs)
+    ref_grads = torch.autograd.grad(ref, (x_ref, w_ref))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12) and next_token.item() == pytest.approx(ref_next.item())
+    for got, want in zip(grads, ref_grads):
+        assert rel(got, want) < 1e-12
 
 # ---------------------------------------------------------------------------------------------- prefix table
 
