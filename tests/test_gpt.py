@@ -455,7 +455,8 @@ def one_line_error(r):
     ("--lr=nan", "--lr=nan must be a finite number"), ("--adam_lr=-0.1", "--adam_lr=-0.1 must be > 0"),
     ("--momentum=1.0", "--momentum=1.0 must be in [0, 1)"), ("--val_loss_every=-1", "--val_loss_every=-1 must be >= 0"),
     ("--bos_id=520", "--bos_id=520: give a token id below --vocab_size=520"),
-    ("--vocab_size=1020", "--vocab_size=1020: use a multiple of 8"), ("--run_id=a/b", "plain file name"), ("--run_id=../../x", "plain file name"), ("--run_id=..", "plain file name")])
+    ("--vocab_size=1020", "--vocab_size=1020: use a multiple of 8"), ("--run_id=a/b", "plain file name"),
+    ("--run_id=../../x", "plain file name"), ("--run_id=..", "plain file name")])
 def test_values_that_would_break_the_run_are_refused_first(tmp_path, gpt_files, monkeypatch, flag, words):
     args = gpt_files + TINY + ["--repeat_data=1", "--num_iterations=4", "--num_extension_iterations=1", flag]
     assert words in main_error(args, tmp_path, monkeypatch)
