@@ -446,6 +446,9 @@ def xsa(y, v, alpha):  # [B, T, H, D], alpha [B, T, H]: y minus tanh(alpha) time
     along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
     return y - torch.tanh(alpha).type_as(y).unsqueeze(-1) * along * v
 
+def wide(t):  # fp32 arithmetic for bf16/fp32 tensors; fp64 stays fp64 (the tests' exact references)
+    return t if t.dtype == torch.float64 else t.float()
+
 def dc_attention(q, k, v, w1, w2, docs, scale, window):
     """Post-only dynamically composable attention (the record's layer-10 correction), added to the attention output:
     out_h[t] = w2[t, h] * sum_s a[t, s] v_h[s], a[t, s] = sum_g rmsnorm(w1[t])_g softmax_g(scale q_g[t].k_g[s]) over
@@ -464,9 +467,10 @@ def dc_attention(q, k, v, w1, w2, docs, scale, window):
     rel = torch.arange(BLOCK, device=q.device)[:, None] + pad - torch.arange(kb.size(1), device=q.device)[None, :]
     qdocs = F.pad(docs, (0, tail), value=-1).unflatten(0, (nb, BLOCK))
     visible = (rel >= 0) & (rel < window) & (qdocs[:, :, None] == db[:, None, :])  # [nb, BLOCK, keys]
-    scores = torch.einsum("bqhd,bkhd->bhqk", qb.float(), kb.float()) * scale
+    # the scores from the bf16 operands (tensor cores, fp32 accumulation, as the record's Triton kernel); fp32 softmax
+    scores = wide(torch.einsum("bqhd,bkhd->bhqk", qb, kb)) * scale
     probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
-    w1n = F.rms_norm(w1.float(), (H,), eps=1e-6)
+    w1n = F.rms_norm(wide(w1), (H,), eps=1e-6)
     w1b = F.pad(w1n[0], (0, 0, 0, tail)).unflatten(0, (nb, BLOCK))  # [nb, BLOCK, H]
     a = torch.einsum("bqh,bhqk->bqk", w1b, probs).type_as(v)
     out = torch.einsum("bqk,bkhd->bqhd", a, vb).flatten(0, 1)[:T]
@@ -491,9 +495,6 @@ def loss_columns(targets, mtp, prefix_targets, prefix, across_docs=True, bos_id=
     cols.append(prefix_targets.clamp_min(0))
     weights.append(prefix * (prefix_targets >= 0))
     return torch.stack(cols, 1), torch.stack(weights, 1)
-
-def wide(t):  # fp32 arithmetic for bf16/fp32 tensors; fp64 stays fp64 (the tests' exact references)
-    return t if t.dtype == torch.float64 else t.float()
 
 class SoftcappedHeadLoss(torch.autograd.Function):
     """The head and the training loss in one function, as record #89's fused softcapped cross-entropy: the loss is
