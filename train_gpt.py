@@ -901,13 +901,36 @@ ADAM_PARAMS = {"lm_head": ((0.5, 0.95), 1.0, 150.0), "embed": ((0.5, 0.95), 1.0,
                "mudd_gate_b2": ((0.9, 0.99), 0.1, 0.0), "mudd_gate_scale": ((0.9, 0.99), 0.1, 0.0)}
 MUON_PARAMS = ("qk_bank", "vo_bank", "mlp_bank")  # NorMuon; the MLP's down projections at 2x lr
 
+def adam_update(grads, shards, ms, vs, b1s, b2s, step_sizes, wds, eps: float, wd_mode: str):
+    """One Adam step of every parameter (shard) given, in one function that Trainer compiles into one graph: m and v
+    (fp32) in place, returns each shard's new value in its dtype. The per-parameter numbers (betas, step size
+    lr * sqrt(1 - b2^t) / (1 - b1^t), decay) are 0-d host tensors, so the graph never recompiles as they change. The
+    decay: the record's strict cautious mask (upd * P > 0), decoupled, l2 (joined to the gradient) or none."""
+    out = []
+    for g, P, m, v, b1, b2, step_size, wd in zip(grads, shards, ms, vs, b1s, b2s, step_sizes, wds):
+        g, P32 = g.float(), P.float()
+        if wd_mode == "l2":
+            g = g + wd * P32
+        m.mul_(b1).add_((1 - b1) * g)
+        v.mul_(b2).add_((1 - b2) * g * g)
+        upd = m / (v.sqrt() + eps) * step_size
+        if wd_mode == "cautious":
+            P32 = P32 * (1 - wd * (upd * P32 > 0))
+        elif wd_mode == "decoupled":
+            P32 = P32 * (1 - wd)
+        out.append((P32 - upd).to(P.dtype))
+    return out
+
 class DistAdam:
     """Adam with bias correction and the record's decay lambda = (lr * lr_mul)^2 * weight_decay * wd_mul (cautious:
     strict mask), fp32 moments. A parameter whose rows split over the ranks is sharded (reduce-scatter, update a
-    shard, all-gather), a smaller one replicated (all-reduce, every rank updates all of it)."""
-    def __init__(self, params, comm: Comm, lr, eps, weight_decay, wd_mode="cautious"):  # (p, betas, lr_mul, wd_mul)
+    shard, all-gather), a smaller one replicated (all-reduce, every rank updates all of it). update: adam_update, or
+    its compiled graph (Trainer, with --compile)."""
+    def __init__(self, params, comm: Comm, lr, eps, weight_decay, wd_mode="cautious", update=adam_update):
         self.comm, self.lr, self.eps, self.weight_decay, self.wd_mode = comm, lr, eps, weight_decay, wd_mode
+        self.update = update  # params: (p, betas, lr_mul, wd_mul) each
         self.params, self.cfg = [p for p, *_ in params], [c for _, *c in params]
+        self.betas = [[torch.tensor(b, dtype=torch.float64) for b in betas] for betas, *_ in self.cfg]  # 0-d, host
         self.t = [0] * len(self.params)  # steps taken, per parameter (bias correction), as the record
         self.sharded = [p.dim() > 0 and p.size(0) % comm.world == 0 and comm.world > 1 for p in self.params]
         self.m = [torch.zeros(p.size(0) // comm.world, *p.shape[1:]) if sh else torch.zeros(p.shape)
@@ -922,28 +945,29 @@ class DistAdam:
         todo = [i for i, p in enumerate(self.params) if p.grad is not None and all(p is not q for q in skip)]
         rs = {i: (self.comm.reduce_scatter if self.sharded[i] else self.comm.all_reduce)(self.params[i].grad)
               for i in todo}
-        gathers = []
-        for i in todo:
+        grads, shards, step_sizes, wds = [], [], [], []
+        for i in todo:  # every reduction launched above; Adam's work waits for all of them, then runs in one graph
             g, work = rs[i]
             if work is not None:
                 work.wait()
-            p, m, v, ((b1, b2), lr_mul, wd_mul) = self.params[i], self.m[i], self.v[i], self.cfg[i]
+            p, m, ((b1, b2), lr_mul, wd_mul) = self.params[i], self.m[i], self.cfg[i]
             self.t[i] += 1
             t = self.t[i]
             lr = self.lr * lr_mul * lr_mult
-            wd = (self.lr * lr_mul * (lr_mult if wd_mult is None else wd_mult)) ** 2 * self.weight_decay * wd_mul
-            shard = p[self.comm.rank * m.size(0):(self.comm.rank + 1) * m.size(0)] if self.sharded[i] else p
-            g, P = g.float(), shard.float()
-            if self.wd_mode == "l2":
-                g = g + wd * P
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            upd = m / (v.sqrt() + self.eps) * (lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t))
-            new = (P * (1 - decay_rate(upd, P, wd, self.wd_mode, strict=True)) - upd).to(p.dtype)
+            step_sizes.append(lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t))
+            wds.append((self.lr * lr_mul * (lr_mult if wd_mult is None else wd_mult)) ** 2 * self.weight_decay * wd_mul)
+            grads.append(g)
+            shards.append(p[self.comm.rank * m.size(0):(self.comm.rank + 1) * m.size(0)] if self.sharded[i] else p)
+        news = self.update(grads, shards, [self.m[i] for i in todo], [self.v[i] for i in todo],
+                           [self.betas[i][0] for i in todo], [self.betas[i][1] for i in todo],
+                           torch.tensor(step_sizes, dtype=torch.float64).unbind(),
+                           torch.tensor(wds, dtype=torch.float64).unbind(), self.eps, self.wd_mode)
+        gathers = []
+        for i, new in zip(todo, news):
             if self.sharded[i]:
-                gathers.append(self.comm.all_gather(p, new))
+                gathers.append(self.comm.all_gather(self.params[i], new))
             else:
-                p.copy_(new)
+                self.params[i].copy_(new)
         for work in gathers:
             if work is not None:
                 work.wait()
@@ -1193,7 +1217,8 @@ class Trainer:
         self.adam_params = [p for p, *_ in adam]
         ortho = torch.compile(polar_express, dynamic=False, fullgraph=True) if h.compile else polar_express
         self.muon = NorMuon(muon, self.comm, h.lr, h.beta2, h.weight_decay, ortho, h.wd_mode)
-        self.adam = DistAdam(adam, self.comm, h.adam_lr, h.adam_eps, h.adam_weight_decay, h.wd_mode)
+        update = torch.compile(adam_update, dynamic=True, fullgraph=True) if h.compile else adam_update
+        self.adam = DistAdam(adam, self.comm, h.adam_lr, h.adam_eps, h.adam_weight_decay, h.wd_mode, update)
         self.tied = True  # the embedding is the head's weight until the schedule's untie step
         # each step's MTP and prefix loss weights, on the device once: tensors, so a new value does not recompile
         self.loss_weights = [(torch.tensor(p.mtp, device=device), torch.tensor(p.prefix, device=device))
@@ -1248,16 +1273,18 @@ class Trainer:
                                    grads=[p.grad for p in self.adam_params], ema=self.ema, loss=self.loss_sum))
         rot, tied = (m.rotary.freq, m.rotary.attn_scale, m.rotary.ws), self.tied
         loader = TrainLoader(h, self.rank, self.world, self.device)
+        shape = lambda s: (self.schedule.at(s).windows, self.schedule.at(s).batch_size, len(self.schedule.at(s).mtp))
         firsts = {}
         for s in range(h.num_iterations):
-            plan = self.schedule.at(s)
-            firsts.setdefault((plan.windows, plan.batch_size, len(plan.mtp)), s)
+            firsts.setdefault(shape(s), s)
         phases = sorted(firsts.values())
         phase_steps = [sum(i * len(phases) // n_steps == k for i in range(n_steps)) for k in range(len(phases))]
         for k, (step, n) in enumerate(zip(phases, phase_steps)):
             t0 = time.perf_counter()
-            for _ in range(n):
-                self.train_step(step, loader)
+            # an even and an odd step of the phase in turn where both exist: Adam (odd steps) compiles here too
+            odd = step + 1 if step % 2 == 0 and step + 1 < h.num_iterations and shape(step + 1) == shape(step) else step
+            for i in range(n):
+                self.train_step(odd if i % 2 else step, loader)
             self.sync()
             plan = self.schedule.at(step)
             if n:

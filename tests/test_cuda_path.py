@@ -151,6 +151,39 @@ def test_the_fp8_heads_gradient_is_its_fp32_gradient_rounded_once_to_e5m2(monkey
     assert differ(twice, once) > 5e-3  # the test tells the two apart
 
 
+def adam_graphs():
+    """The graphs dynamo keeps for adam_update. (A cold compile cache makes dynamo restart the first trace once, after
+    its pass that turns the 0-d scalars into graph inputs: two backend calls, one graph.)"""
+    return torch._dynamo.eval_frame._debug_get_cache_entry_list(tg.adam_update)
+
+
+@pytest.mark.parametrize("wd_mode", ["cautious", "l2"])  # the record's decay; the one that joins the gradient
+def test_compiled_adam_is_one_graph_equal_to_the_eager_update(wd_mode):
+    """DistAdam's update of the record model's 16 Adam parameters (tiny width) compiled by Inductor, fullgraph,
+    against the same function run eagerly on copies: equal within fp32 rounding (Inductor fuses the expression), and
+    one graph for every parameter and step while the learning rate, the decay and the step counts change."""
+    import copy
+    h = tg.parse_args(SMALL_VOCAB + ["--num_layers=11", "--model_dim=48", "--num_heads=6", "--bigram_vocab_size=1024",
+                                     "--compile=0", f"--wd_mode={wd_mode}", "--adam_weight_decay=0.5"])
+    torch.manual_seed(0)
+    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
+    eager = copy.deepcopy(trainer.adam)
+    eager.params = [p.detach().clone() for p in trainer.adam_params]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    torch._dynamo.reset()
+    trainer.adam.update = torch.compile(tg.adam_update, backend=counter, dynamic=False, fullgraph=True)
+    for step, lr in enumerate([1.0, 0.6, 0.2]):
+        for p, q in zip(trainer.adam_params, eager.params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        trainer.adam.step(lr)
+        eager.step(lr)
+        for p, q in zip(trainer.adam_params, eager.params):
+            assert (p.detach() - q).abs().max() <= 1e-6 * q.abs().max() + 1e-30, (step, p.shape)
+    assert len(adam_graphs()) == 1 and counter.frame_count <= 2  # a cold cache restarts the first trace once
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------------- FP8 layouts
 
 def cublaslt_rejects(a, b):
@@ -303,9 +336,9 @@ def test_record_schedule_compiles_its_graphs_in_the_warmup_and_never_again(gpt_f
     """The record's schedule (three stages and the extension: 1285 steps, windows (1, 3), (3, 7), (5, 11), (6, 13),
     3, 2, 1, 1 predictions, a prefix loss in stages 1 and 2) on a tiny model with slots 1/64 of the record's, with
     FlexAttention masks as on a GPU: kernel_warmup compiles the 4 training graphs (one per windows, slot length and
-    number of predictions) and Polar Express's 3 (one per bank shape); the timed steps that follow, at other MTP and
-    prefix weights, recompile nothing; validation adds one graph per window pair, (1, 3), (3, 7), (5, 11) and the final
-    (6, 20). Dynamo decides reuse from its guards before any backend sees a graph (dynamic=False: no symbolic shapes),
+    number of predictions), Polar Express's 3 (one per bank shape) and Adam's 2 (tied and untied); the timed steps
+    that follow, at other MTP and prefix weights, recompile nothing; validation adds one graph per window pair, (1, 3),
+    (3, 7), (5, 11) and the final (6, 20). Dynamo decides reuse from its guards before any backend sees a graph (dynamic=False: no symbolic shapes),
     so these counts are Inductor's."""
     h = tg.parse_args(gpt_files + SMALL_VOCAB + ["--num_layers=3", "--model_dim=64", "--num_heads=4",
                                                  "--bigram_vocab_size=1024", "--train_batch_size=2048,4096,6144",
@@ -322,8 +355,10 @@ def test_record_schedule_compiles_its_graphs_in_the_warmup_and_never_again(gpt_f
     model_graphs, ortho_graphs = Recorder(), Recorder()
     trainer.fwd = torch.compile(trainer.model, backend=model_graphs, dynamic=False, fullgraph=True)
     trainer.muon.ortho = torch.compile(tg.polar_express, backend=ortho_graphs, dynamic=False, fullgraph=True)
-    trainer.kernel_warmup(4, lambda line: None)
-    assert (model_graphs.frames, ortho_graphs.frames) == (4, 3)
+    trainer.adam.update = torch.compile(tg.adam_update, backend="eager", dynamic=False, fullgraph=True)
+    trainer.kernel_warmup(8, lambda line: None)  # 2 steps a phase: an even one and an odd one (Adam)
+    # Adam: one graph for all its parameters while the embedding is tied (skipped), one after the untie
+    assert (model_graphs.frames, ortho_graphs.frames, len(adam_graphs())) == (4, 3, 2)
     val = tg.load_val(h)
     loader = FirstSlotLoader(h, 0, 1, torch.device("cpu"))
     # as main() runs them: each validation at its place in the schedule (the YaRN state is the timed run's)
@@ -332,7 +367,7 @@ def test_record_schedule_compiles_its_graphs_in_the_warmup_and_never_again(gpt_f
             trainer.evaluate(step, val)
         else:
             trainer.train_step(step, loader)
-    assert (model_graphs.frames, ortho_graphs.frames) == (8, 3)
+    assert (model_graphs.frames, ortho_graphs.frames, len(adam_graphs())) == (8, 3, 2)
     torch._dynamo.reset()
 
 
