@@ -338,8 +338,8 @@ def test_record_schedule_compiles_its_graphs_in_the_warmup_and_never_again(gpt_f
     FlexAttention masks as on a GPU: kernel_warmup compiles the 4 training graphs (one per windows, slot length and
     number of predictions), Polar Express's 3 (one per bank shape) and Adam's 2 (tied and untied); the timed steps
     that follow, at other MTP and prefix weights, recompile nothing; validation adds one graph per window pair, (1, 3),
-    (3, 7), (5, 11) and the final (6, 20). Dynamo decides reuse from its guards before any backend sees a graph (dynamic=False: no symbolic shapes),
-    so these counts are Inductor's."""
+    (3, 7), (5, 11) and the final (6, 20). Dynamo decides reuse from its guards before any backend sees a graph
+    (dynamic=False: no symbolic shapes), so these counts are Inductor's."""
     h = tg.parse_args(gpt_files + SMALL_VOCAB + ["--num_layers=3", "--model_dim=64", "--num_heads=4",
                                                  "--bigram_vocab_size=1024", "--train_batch_size=2048,4096,6144",
                                                  "--val_seq_len=1024", "--val_tokens=1024"])
