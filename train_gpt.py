@@ -1273,18 +1273,19 @@ class Trainer:
                                    grads=[p.grad for p in self.adam_params], ema=self.ema, loss=self.loss_sum))
         rot, tied = (m.rotary.freq, m.rotary.attn_scale, m.rotary.ws), self.tied
         loader = TrainLoader(h, self.rank, self.world, self.device)
-        shape = lambda s: (self.schedule.at(s).windows, self.schedule.at(s).batch_size, len(self.schedule.at(s).mtp))
         firsts = {}
         for s in range(h.num_iterations):
-            firsts.setdefault(shape(s), s)
+            plan = self.schedule.at(s)
+            firsts.setdefault((plan.windows, plan.batch_size, len(plan.mtp)), s)
         phases = sorted(firsts.values())
         phase_steps = [sum(i * len(phases) // n_steps == k for i in range(n_steps)) for k in range(len(phases))]
         for k, (step, n) in enumerate(zip(phases, phase_steps)):
             t0 = time.perf_counter()
-            # an even and an odd step of the phase in turn where both exist: Adam (odd steps) compiles here too
-            odd = step + 1 if step % 2 == 0 and step + 1 < h.num_iterations and shape(step + 1) == shape(step) else step
-            for i in range(n):
-                self.train_step(odd if i % 2 else step, loader)
+            for _ in range(max(n, k == 0)):
+                self.train_step(step, loader)
+            if k == 0:  # Adam's two graphs, the embedding tied (skipped) and untied, on the gradients step 0 left
+                for skip in ([m.embed.weight], []):
+                    self.adam.step(1.0, skip=skip)
             self.sync()
             plan = self.schedule.at(step)
             if n:
