@@ -1030,12 +1030,36 @@ def take_slots(tokens, bos, ptr, n_slots, slot_len, max_seq):
         slots.append((starts, ends))
     return slots, ptr
 
+class PinnedBuffers:
+    """Host staging of the host-to-GPU copies: one pinned int32 buffer per micro-batch of a step, kept and reused
+    step after step (grown when a later stage needs more), instead of pinning a new one per micro-batch; before a
+    buffer is refilled, the event recorded after the last copy out of it is waited on (done already, unless the host
+    runs a step ahead of the GPU). pin and event: torch's, or stand-ins in the CPU tests."""
+    def __init__(self, pin=torch.Tensor.pin_memory, event=torch.cuda.Event):
+        self.pin, self.event, self.buffers = pin, event, {}  # micro-batch index -> (flat buffer, its copy's event)
+
+    def stage(self, i, array):
+        """array (int32) in buffer i, as a host tensor of its shape; call copied(i) after the copy out of it."""
+        buf, done = self.buffers.get(i, (None, None))
+        if buf is None or buf.numel() < array.size:
+            buf, done = self.pin(torch.empty(array.size, dtype=torch.int32)), self.event()
+        else:
+            done.synchronize()
+        self.buffers[i] = (buf, done)
+        view = buf[:array.size].view(array.shape)
+        view.numpy()[...] = array
+        return view
+
+    def copied(self, i):
+        self.buffers[i][1].record()
+
 class TrainLoader:
     """Each step is 8 slots of batch_size/8 (+1) tokens, all from one shard; rank r takes slots r, r+world, ..."""
     def __init__(self, h, rank, world, device, file_idx=0, ptr=0, epoch=0):
         self.files = list_files(h.train_files, "train")
         self.h, self.rank, self.world, self.device = h, rank, world, device
         self.file_idx, self.ptr, self.epoch = file_idx, ptr, epoch
+        self.pinned = PinnedBuffers() if device.type == "cuda" else None  # a CPU run takes the arrays as they are
         self._load(file_idx)
 
     def _load(self, idx, tokens=None):
@@ -1070,7 +1094,7 @@ class TrainLoader:
 
     def next_step(self, batch_size, max_seq_len):
         """This rank's micro-batches for one step, a list of (inputs int32, targets int64, bigram rows int32 or
-        None), and all 8 slots' piece lengths. Tokens and bigram rows travel in one pinned buffer."""
+        None), and all 8 slots' piece lengths. Tokens and bigram rows travel in one pinned buffer (PinnedBuffers)."""
         slot_len = batch_size // 8
         for shards_tried in range(len(self.files) + 1):
             out = take_slots(self.tokens, self.bos, self.ptr, 8, slot_len, max_seq_len)
@@ -1081,14 +1105,14 @@ class TrainLoader:
             self._advance()
         slots, self.ptr = out
         batches, rows = [], self.h.bigram_vocab_size
-        for starts, ends in slots[self.rank::self.world]:
+        for a, (starts, ends) in enumerate(slots[self.rank::self.world]):
             tokens = np.concatenate([self.tokens[s:e] for s, e in zip(starts, ends)]).astype(np.int32)
             if rows:
                 tokens = np.stack([tokens, np.append(bigram_index(tokens[:-1], rows), 0)])
-            buf = torch.from_numpy(tokens)
-            if self.device.type == "cuda":
-                buf = buf.pin_memory()
+            buf = torch.from_numpy(tokens) if self.pinned is None else self.pinned.stage(a, tokens)
             buf = buf.to(self.device, non_blocking=True)
+            if self.pinned is not None:
+                self.pinned.copied(a)
             toks = buf[0] if rows else buf
             batches.append((toks[:-1], toks[1:].long(), buf[1, :-1] if rows else None))
         return batches, [np.subtract(e, s) for s, e in slots]

@@ -339,6 +339,37 @@ def test_loader_bos_aligned_no_token_lost_or_repeated(tmp_path, bos):
                     assert np.array_equal(inp.numpy(), expect[:-1]) and np.array_equal(tgt.numpy(), expect[1:])
                 assert [int(l.sum()) for l in lengths] == [129] * 8
 
+def test_pinned_staging_reuses_one_buffer_per_micro_batch_once_its_copy_is_done(tmp_path):
+    """The loader's CUDA staging, on a CPU with stand-ins for pin_memory and CUDA events: one buffer per micro-batch
+    of a step (all alive at once), the same storage step after step, grown once for a larger stage; each buffer's
+    event recorded after each copy and waited on before each refill; the batches equal the unstaged loader's."""
+    events = []
+    class Event:
+        def __init__(self):
+            self.log = []
+            events.append(self)
+        def record(self):
+            self.log.append("record")
+        def synchronize(self):
+            self.log.append("wait")
+    shards = [np.concatenate(learnable_docs(200, s, 10, 300)) for s in (1, 2)]
+    for i, tokens in enumerate(shards):
+        write_shard(tmp_path / f"t_{i + 1:06d}.bin", tokens)
+    h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), bigram_vocab_size=1024)
+    plain, staged = (tg.TrainLoader(h, 0, 2, torch.device("cpu")) for _ in range(2))
+    staged.pinned = tg.PinnedBuffers(pin=lambda t: t.clone(), event=Event)
+    storages = []
+    for batch_size in (1024, 1024, 1024, 2048, 2048):
+        (want, _), (got, _) = plain.next_step(batch_size, 128), staged.next_step(batch_size, 128)
+        assert len(got) == 4  # rank 0 of 2: 4 of the 8 slots
+        for w, g in zip(want, got):  # compared now: on a CPU the batches are views of the buffers
+            assert all(torch.equal(a, b) for a, b in zip(w, g))
+        storages.append([staged.pinned.buffers[i][0].data_ptr() for i in range(4)])
+    assert len(set(storages[0])) == 4 and storages[0] == storages[1] == storages[2]
+    assert storages[3] == storages[4] and all(a != b for a, b in zip(storages[0], storages[3]))  # grown at 2,048
+    assert len(events) == 8 and [e.log for e in events] == [["record", "wait"] * 2 + ["record"]] * 4 + [
+        ["record", "wait", "record"]] * 4
+
 def test_loader_stops_or_repeats_when_the_files_run_out(tmp_path):
     write_shard(tmp_path / "t_000001.bin", np.concatenate(learnable_docs(40, 5, 10, 300)))
     h = tg.Hyperparameters(train_files=str(tmp_path / "t_*.bin"), bigram_vocab_size=0)
