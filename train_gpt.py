@@ -856,20 +856,32 @@ class NorMuon:
                                     v=torch.zeros((k, rows, 1) if rows >= cols else (k, 1, cols), device=p.device)))
 
     @torch.no_grad()
-    def step(self, lr_mult, momentum, wd_mult=None):  # wd_mult: the decay's schedule multiplier (default lr_mult)
+    def launch(self):
+        """Launch the banks' gradient reduce-scatters (step() or finish() completes the step)."""
+        world = self.comm.world
+        self.pending = [self.comm.reduce_scatter(self.padded(g["p"].grad, g["k"] * world)) for g in self.groups]
+
+    @staticmethod
+    def padded(t, n):  # t as matrices [m, rows, cols], zero-padded to n of them (a copy only when m < n)
+        t = t.view(-1, *t.shape[-2:])
+        return t if t.size(0) == n else torch.cat([t, t.new_zeros(n - t.size(0), *t.shape[1:])])
+
+    def step(self, lr_mult, momentum, wd_mult=None):
+        self.launch()
+        self.finish(lr_mult, momentum, wd_mult)
+
+    @torch.no_grad()
+    def finish(self, lr_mult, momentum, wd_mult=None):  # wd_mult: the decay's schedule multiplier (default lr_mult)
         lr = self.lr * lr_mult
         wd = self.lr * (lr_mult if wd_mult is None else wd_mult) * self.weight_decay
         world, r = self.comm.world, self.comm.rank
-        def padded(t, n):  # t as matrices [m, rows, cols], zero-padded to n of them (a copy only when m < n)
-            t = t.view(-1, *t.shape[-2:])
-            return t if t.size(0) == n else torch.cat([t, t.new_zeros(n - t.size(0), *t.shape[1:])])
-        rs = [self.comm.reduce_scatter(padded(g["p"].grad, g["k"] * world)) for g in self.groups]
         gathers = []
-        for g, (grad, work) in zip(self.groups, rs):
+        pending, self.pending = self.pending, None
+        for g, (grad, work) in zip(self.groups, pending):
             if work is not None:
                 work.wait()
             k = g["k"]
-            P = padded(g["p"].view(g["n"], *g["mom"].shape[1:])[r * k:(r + 1) * k], k)
+            P = self.padded(g["p"].view(g["n"], *g["mom"].shape[1:])[r * k:(r + 1) * k], k)
             if self.wd_mode == "l2":
                 grad = grad + wd * P
             g["mom"].lerp_(grad, 1 - momentum)
@@ -939,12 +951,21 @@ class DistAdam:
         self.v = [torch.zeros_like(m) for m in self.m]
 
     @torch.no_grad()
-    def step(self, lr_mult, wd_mult=None, skip=()):
-        """skip: parameters left alone this step (a tied embedding); so is one without a gradient (unused in this
-        model), as the record: no moment decay, no step counted."""
+    def launch(self, skip=()):
+        """Launch the gradients' reductions. skip: parameters left alone this step (a tied embedding); so is one
+        without a gradient (unused in this model), as the record: no moment decay, no step counted."""
         todo = [i for i, p in enumerate(self.params) if p.grad is not None and all(p is not q for q in skip)]
-        rs = {i: (self.comm.reduce_scatter if self.sharded[i] else self.comm.all_reduce)(self.params[i].grad)
-              for i in todo}
+        self.pending = {i: (self.comm.reduce_scatter if self.sharded[i] else self.comm.all_reduce)(self.params[i].grad)
+                        for i in todo}
+
+    def step(self, lr_mult, wd_mult=None, skip=()):
+        self.launch(skip)
+        self.finish(lr_mult, wd_mult)
+
+    @torch.no_grad()
+    def finish(self, lr_mult, wd_mult=None):
+        rs, self.pending = self.pending, None
+        todo = list(rs)
         grads, shards, step_sizes, wds = [], [], [], []
         for i in todo:  # every reduction launched above; Adam's work waits for all of them, then runs in one graph
             g, work = rs[i]
@@ -1270,14 +1291,17 @@ class Trainer:
             (loss / 8).backward()  # gradients summed over ranks and micro-batches = mean over the 8 slots
             self.loss_sum += next_token_loss.detach()
         wd = plan.lr if self.h.wd_schedule == "lr" else 1.0  # decay on the LR schedule (the record) or the peak lr
-        self.muon.step(plan.lr, muon_momentum(step, self.h), wd)
-        for p in self.muon_params:
-            p.grad = None
+        head, embed = self.model.lm_head.weight, self.model.embed.weight
+        self.muon.launch()
         if step % 2 == 1:  # Adam steps every other step, on gradients accumulated over two steps
-            head, embed = self.model.lm_head.weight, self.model.embed.weight
             if self.tied:  # one parameter used twice: the embedding's gradient joins the head's
                 head.grad += embed.grad
-            self.adam.step(plan.lr, wd, skip=[embed] if self.tied else [])
+            self.adam.launch(skip=[embed] if self.tied else [])  # every reduction in flight before any update, as
+        self.muon.finish(plan.lr, muon_momentum(step, self.h), wd)  # the record orders them
+        for p in self.muon_params:
+            p.grad = None
+        if step % 2 == 1:
+            self.adam.finish(plan.lr, wd)
             if self.tied:
                 embed.data.copy_(head.data)
             if step == self.schedule.untie_step:

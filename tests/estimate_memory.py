@@ -43,7 +43,7 @@ LEFT_OUT = """left out of the estimate:
 - torch.compile in the layers: the compiled graph fuses pointwise chains (rms_norm, rotary, relu^2, XSA, the gates,
   the MUDD mixes, the bigram sign product) and its partitioner keeps fewer tensors for backward, recomputing cheap
   ones: the compiled peak is likely lower, most of all in the DC correction of the last layer, whose eager banded
-  form keeps fp32 scores' softmax and fp32 copies of q and the banded keys (the record runs a Triton kernel)
+  form keeps the scores' fp32 softmax (the record runs a Triton kernel)
 - the record's FP8 MLP projections and its bf16 banks with separately kept mantissas (here: bf16 MLP, fp32 banks)
 - FlexAttention's compiled kernels: their workspace is not modelled (the operator's outputs and gradients are)
 - the FP8 head's kernels: _scaled_mm's internals and the copies inside fp8_mm / fp8_mm_backward (only the operator's
@@ -223,14 +223,16 @@ def estimate(h=None):
         loader = OneSlotLoader(h.vocab_size, h.bigram_vocab_size)
         tracker = step_tracker()
         tracker.track_external(trainer.model, *optimizer_state(trainer))
-        muon_step, adam_step = trainer.muon.step, trainer.adam.step
+        muon_parts, adam_parts = (trainer.muon.launch, trainer.muon.finish), (trainer.adam.launch, trainer.adam.finish)
         with tracker:
             for step in steps:
                 tracker.reset_mod_stats()
                 trainer.fwd = tracker.entering(f"step {step} forward", trainer.model)
                 loss_backward = tracker.entering(f"step {step} backward", torch.Tensor.backward)
-                trainer.muon.step = tracker.entering(f"step {step} NorMuon", muon_step)
-                trainer.adam.step = tracker.entering(f"step {step} Adam", adam_step)
+                trainer.muon.launch, trainer.muon.finish = (tracker.entering(f"step {step} NorMuon", part)
+                                                            for part in muon_parts)
+                trainer.adam.launch, trainer.adam.finish = (tracker.entering(f"step {step} Adam", part)
+                                                            for part in adam_parts)
                 tracker.phase = f"step {step} batch and masks"
                 with mock.patch.object(torch.Tensor, "backward", loss_backward):
                     trainer.train_step(step, loader)

@@ -435,8 +435,8 @@ def recording_trainer(steps):
     class RecordingTrainer(tg.Trainer):
         def __init__(self, *args):
             super().__init__(*args)
-            self.real_fwd, self.real_adam_step = self.fwd, self.adam.step
-            self.fwd, self.adam.step = self.recording_fwd, self.recording_adam_step
+            self.real_fwd, self.real_adam_launch = self.fwd, self.adam.launch
+            self.fwd, self.adam.launch = self.recording_fwd, self.recording_adam_launch
             steps.append(dict(after=self.head_state()))
 
         def head_state(self):
@@ -454,9 +454,9 @@ def recording_trainer(steps):
             steps[-1]["calls"].append(args)
             return self.real_fwd(*args)
 
-        def recording_adam_step(self, *args, **kw):
+        def recording_adam_launch(self, *args, **kw):  # the gradients Adam's reductions take
             steps[-1]["adam_grads"] = (self.model.lm_head.weight.grad.clone(), self.model.embed.weight.grad.clone())
-            return self.real_adam_step(*args, **kw)
+            return self.real_adam_launch(*args, **kw)
 
         def train_step(self, step, loader):
             steps.append(dict(calls=[]))

@@ -181,14 +181,40 @@ def test_trainer_passes_the_decay_schedule(gpt_files, monkeypatch):
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
     assert trainer.muon.wd_mode == trainer.adam.wd_mode == "cautious"
     calls = []
-    monkeypatch.setattr(trainer.muon, "step", lambda lr, mom, wd: calls.append(("muon", lr, wd)))
-    monkeypatch.setattr(trainer.adam, "step", lambda lr, wd, skip=(): calls.append(("adam", lr, wd)))
+    monkeypatch.setattr(trainer.muon, "finish", lambda lr, mom, wd: calls.append(("muon", lr, wd)))
+    monkeypatch.setattr(trainer.adam, "finish", lambda lr, wd: calls.append(("adam", lr, wd)))
     loader = tg.TrainLoader(h, 0, 1, torch.device("cpu"))
     trainer.train_step(3, loader)  # an odd step: Adam steps too
     h.wd_schedule = "constant"
     trainer.train_step(3, loader)
     lr = trainer.schedule.at(3).lr
     assert lr < 1 and calls == [("muon", lr, lr), ("adam", lr, lr), ("muon", lr, 1.0), ("adam", lr, 1.0)]
+
+def test_every_reduction_is_launched_before_any_update_work(gpt_files):
+    """An Adam (odd) step as the record orders its communication: the banks' reduce-scatters and every Adam
+    parameter's reduction are launched before Polar Express or Adam's update run, so on several GPUs the update
+    work overlaps the reductions still in flight. Seen through the trainer's Comm and the two update functions."""
+    h = tg.parse_args(gpt_files + SMALL + ["--num_iterations=4", "--num_extension_iterations=1"])
+    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
+    events, comm = [], trainer.comm
+    def spy(name, real):
+        return lambda *args: events.append(name) or real(*args)
+    comm.reduce_scatter = spy("reduce", comm.reduce_scatter)
+    comm.all_reduce = spy("reduce", comm.all_reduce)
+    comm.all_gather = spy("gather", comm.all_gather)
+    trainer.muon.ortho = spy("polar express", trainer.muon.ortho)
+    real_update, updated = trainer.adam.update, []
+    def update(grads, *rest):
+        events.append("adam update")
+        updated.append(len(grads))
+        return real_update(grads, *rest)
+    trainer.adam.update = update
+    trainer.train_step(3, tg.TrainLoader(h, 0, 1, torch.device("cpu")))
+    first_work = min(events.index("polar express"), events.index("adam update"))
+    # the 3 banks' reductions, then one per Adam parameter that the update got (the tied embedding is skipped)
+    assert events[:first_work] == ["reduce"] * (len(trainer.muon.groups) + updated[0]), events
+    assert updated[0] > 10 and "reduce" not in events[first_work:]
+
 
 # ---------------------------------------------------------------------------------------------- EMA and averaging
 
