@@ -927,7 +927,7 @@ def adam_update(grads, shards, ms, vs, b1s, b2s, step_sizes, wds, eps: float, wd
         v.mul_(b2).add_((1 - b2) * g * g)
         upd = m / (v.sqrt() + eps) * step_size
         if wd_mode == "cautious":
-            P32 = P32 * (1 - wd * (upd * P32 > 0))
+            P32 = P32 * (1 - wd * (upd * P32 > 0).float())  # a float mask: a bool one would promote to fp64
         elif wd_mode == "decoupled":
             P32 = P32 * (1 - wd)
         out.append((P32 - upd).to(P.dtype))

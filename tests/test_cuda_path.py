@@ -151,6 +151,25 @@ def test_the_fp8_heads_gradient_is_its_fp32_gradient_rounded_once_to_e5m2(monkey
     assert differ(twice, once) > 5e-3  # the test tells the two apart
 
 
+class OutputDtypes(TorchDispatchMode):
+    """The dtypes that operators on fp32 or bf16 tensors of more than one element return, dispatched inside."""
+    def __enter__(self):
+        self.dtypes = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        if any(a.numel() > 1 and a.dtype in (torch.float32, torch.bfloat16) for a in inputs):
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.dtypes.add(t.dtype)
+        return out
+
+    def __contains__(self, dtype):
+        return dtype in self.dtypes
+
+
 def adam_graphs():
     """The graphs dynamo keeps for adam_update. (A cold compile cache makes dynamo restart the first trace once, after
     its pass that turns the 0-d scalars into graph inputs: two backend calls, one graph.)"""
@@ -177,7 +196,9 @@ def test_compiled_adam_is_one_graph_equal_to_the_eager_update(wd_mode):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
         trainer.adam.step(lr)
-        eager.step(lr)
+        with OutputDtypes() as seen:
+            eager.step(lr)
+        assert torch.float64 not in seen  # the 0-d fp64 host scalars never widen a tensor's arithmetic
         for p, q in zip(trainer.adam_params, eager.params):
             assert (p.detach() - q).abs().max() <= 1e-6 * q.abs().max() + 1e-30, (step, p.shape)
     assert len(adam_graphs()) == 1 and counter.frame_count <= 2  # a cold cache restarts the first trace once
