@@ -857,12 +857,12 @@ class Comm:
             return None
         return dist.all_gather_into_tensor(out, shard.contiguous(), async_op=True)
 
-def decay_rate(u, p, wd, mode, strict=False):
-    """Weight decay of each entry of p, whose update u gets subtracted: cautious = wd only where u
-    already shrinks |p| (u * p >= 0; > 0 when strict, as the record's Adam), decoupled = wd everywhere, l2 (its
+def decay_rate(u, p, wd, mode):
+    """NorMuon's weight decay of each entry of p, whose update u gets subtracted: cautious = wd only where u
+    already shrinks |p| (u * p >= 0; Adam's strict mask is in adam_update), decoupled = wd everywhere, l2 (its
     wd * p joined the gradient) and none = 0."""
     if mode == "cautious" and wd != 0:
-        return wd * ((u * p > 0) if strict else (u * p >= 0))
+        return wd * (u * p >= 0)
     return wd if mode == "decoupled" else 0.0
 
 class NorMuon:
@@ -1288,7 +1288,7 @@ class Trainer:
         self.adam_params = [p for p, *_ in adam]
         ortho = torch.compile(polar_express, dynamic=False, fullgraph=True) if h.compile else polar_express
         self.muon = NorMuon(muon, self.comm, h.lr, h.beta2, h.weight_decay, ortho, h.wd_mode)
-        update = torch.compile(adam_update, dynamic=True, fullgraph=True) if h.compile else adam_update
+        update = torch.compile(adam_update, dynamic=False, fullgraph=True) if h.compile else adam_update
         self.adam = DistAdam(adam, self.comm, h.adam_lr, h.adam_eps, h.adam_weight_decay, h.wd_mode, update)
         self.tied = True  # the embedding is the head's weight until the schedule's untie step
         # each step's MTP and prefix loss weights, on the device once: tensors, so a new value does not recompile
