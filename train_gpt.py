@@ -73,7 +73,7 @@ class Hyperparameters:
     val_fp32_softcap: bool = False      # validation softcap on fp32 logits; default: on the head's bf16 logits, then
     #                                     fp32 for the cross-entropy, as the record (its 3.28 is measured so)
     compile: bool = True                # torch.compile the model and Polar Express
-    fp8_mlp: bool = True                # the MLP up projection's forward in FP8 where the head is FP8 (record #84)
+    fp8_mlp: bool = True                # the MLP projections' forwards in FP8 where the head is FP8 (#84, #89)
     seed: int = 0                       # of the initial weights (the data order is fixed)
     run_id: str = ""                    # the log is logs/<run_id>.txt (a plain file name); default: a fresh uuid4
     preset: str = ""                    # named set of defaults from PRESETS (cpu: the README's smoke run); flags win
@@ -347,6 +347,28 @@ class FP8UpProjection(torch.autograd.Function):
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         return grad @ w, grad.T @ x
+
+# record #89's delayed scaling: an activation scale is amax(post) * 1.80 / 448 of the previous forward, a weight scale
+# amax(w) * 1.12 / 448 of the previous step's weights (amax / 448 of the current ones in the first 17 steps)
+FP8_DOWN_HEADROOM = (1.80, 1.12)
+
+class FP8DownProjection(torch.autograd.Function):
+    """post @ w for the MLP's down projection as record #89: both operands in e4m3 by scales set aside before the
+    product (GPT.refresh_fp8_scales, GPT.forward), so nothing waits on an amax; what outgrew its scale clips at 448
+    (post >= 0: only above). The backward in bf16 from post and w, as the bf16 path's. w is quantized from the bank's
+    bf16 copy, as in FP8UpProjection."""
+    @staticmethod
+    def forward(ctx, post, w, post_scale, w_scale):
+        # in fp32, rounded once to e4m3; the record multiplies by the activation scale's fp32 reciprocal
+        postf = (post.float() * (1 / post_scale)).clamp_max(448).to(torch.float8_e4m3fn)
+        wf = (w.float() / w_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        ctx.save_for_backward(post, w)
+        return scaled_mm(postf, wf.T.contiguous().T, post.dtype, post_scale, w_scale, fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        post, w = ctx.saved_tensors
+        return grad @ w.T, post.T @ grad, None, None
 
 # ----------------------------------------------------------------------------------------------------
 # Model
@@ -641,6 +663,11 @@ class GPT(nn.Module):
         fp8 = dtype == torch.bfloat16 and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
         self.lm_head = CastedLinear(D, V, fp8=fp8)
         self.fp8_mlp = fp8 and h.fp8_mlp
+        # FP8 down projections' delayed scales: per slot (of 8) and layer the activation scale its next forward
+        # uses; per layer the weight scale of this step and the one set aside for the next. Record #89 keeps the
+        # first per GPU, which is per slot on 8 GPUs only: per slot, every world size gets the 8-GPU math.
+        self.register_buffer("fp8_act_scales", torch.ones(8, L))
+        self.register_buffer("fp8_down_scales", torch.ones(2, L))
         with torch.no_grad():  # the record: head N(0, 0.005), the embedding tied to it (the optimizer keeps them equal)
             self.lm_head.weight.normal_(0, 0.005)
             self.embed.weight.copy_(self.lm_head.weight)
@@ -735,18 +762,36 @@ class GPT(nn.Module):
             y = y * gate.unsqueeze(-1)
         return F.linear(y.reshape(B, T, D), sa[1] * self.vo_bank[2 * a + 1].type_as(y))
 
-    def mlp(self, x, i):
+    def mlp(self, x, i, fp8_scales=None):
+        """Layer i's MLP on x [1, T, D]: (output, amax of relu(x W1^T)^2 or None). fp8_scales: (activation scale,
+        weight scale) of the down projection for FP8 up and down projections (training), None: bf16."""
         up, down = self.mlp_bank[i].type_as(x)
-        if self.fp8_mlp and self.training:
-            pre = FP8UpProjection.apply(x.flatten(0, -2), up).view(*x.shape[:-1], -1)
-        else:
-            pre = F.linear(x, up)
-        return F.relu(pre).square() @ down
+        if fp8_scales is None:
+            return F.relu(F.linear(x, up)).square() @ down, None
+        post = F.relu(FP8UpProjection.apply(x.flatten(0, -2), up)).square()
+        return FP8DownProjection.apply(post, down, *fp8_scales).view_as(x), post.detach().amax().float()
 
-    def forward(self, inputs, targets, bigram_idx, masks, mtp=None, prefix=None, head_chunk=8192):
+    @torch.no_grad()
+    def refresh_fp8_scales(self, step):
+        """Before training step `step`'s forwards, record #89's weight scales for the down projections: the step
+        takes the one set aside by the last (from its weights), or amax / 448 of the current weights in the steps
+        0-16 (the record bootstraps before step 0 and after steps 0-15); then amax * 1.12 / 448 of the current
+        weights is set aside."""
+        amax = torch.linalg.vector_norm(self.mlp_bank[:, 1], float("inf"), dim=(1, 2)).clamp_min(1e-12)  # max |w|
+        if step <= 16:
+            self.fp8_down_scales[1] = amax / 448
+        self.fp8_down_scales[0] = self.fp8_down_scales[1]
+        self.fp8_down_scales[1] = amax * (FP8_DOWN_HEADROOM[1] / 448)
+
+    def forward(self, inputs, targets, bigram_idx, masks, mtp=None, prefix=None, head_chunk=8192, slot=0):
         """Training (mtp and prefix weights given, as tensors): (weighted loss sum, next-token loss sum); evaluation:
-        the next-token loss sum. masks: one per layer (None where the layer has no attention)."""
+        the next-token loss sum. masks: one per layer (None where the layer has no attention). slot (of 8, an int or
+        a 0-d tensor, which does not recompile): whose FP8 activation scales a training forward uses and renews."""
         L, H, hd = len(self.rec), self.num_heads, self.qk_bank.size(1) // 2
+        fp8, act_scales, amaxes = self.fp8_mlp and self.training, None, []
+        if fp8:
+            slot = torch.as_tensor(slot, device=inputs.device).view(1)  # an index, not a Python int (no graph break)
+            act_scales = self.fp8_act_scales.index_select(0, slot)[0]
         smear, skip_w = self.scalars[2 * L], self.scalars[2 * L + 1]
         x = self.embed(inputs)
         x = torch.cat([x[:1], x[1:] + smear * torch.sigmoid(self.smear_gate(x[1:, :12])) * x[:-1]])
@@ -792,10 +837,14 @@ class GPT(nn.Module):
                     x = resid[i, 0] * x + post[i, 0] * y + x0 * g["x0"][r]
                     if i:
                         x = x + bigram * g["bigram"][r]
-            y = self.mlp(norm(x), i)
+            y, amax = self.mlp(norm(x), i, (act_scales[i], self.fp8_down_scales[0, i]) if fp8 else None)
+            amaxes.append(amax)
             x = mu[12] * x + mu[13] * y if last else resid[i, 1] * x + post[i, 1] * y
             if r in (SKIP_FROM, SHARED_IN):
                 cache[r] = x
+        if fp8:  # the next forward of this slot quantizes by this one's maxima (the record: in place, after the loop)
+            new = torch.stack(amaxes).clamp_min(1e-12) * (FP8_DOWN_HEADROOM[0] / 448)
+            self.fp8_act_scales.index_copy_(0, slot, new[None])
         mu = self.mudd(x, 1, 5)  # after the loop: the saved states, layer 1's value embedding, backout folded in
         saved = (cache[0], cache.get(SHARED_IN), cache["last_in"], ve.get(1, None), cache.get(SKIP_FROM))
         x = x + sum(m * s for m, s in zip(mu, saved) if s is not None)
@@ -1294,6 +1343,8 @@ class Trainer:
         # each step's MTP and prefix loss weights, on the device once: tensors, so a new value does not recompile
         self.loss_weights = [(torch.tensor(p.mtp, device=device), torch.tensor(p.prefix, device=device))
                              for p in self.schedule.plans]
+        # this rank's micro-batches' slots (TrainLoader), apart: 0-d tensors that are no views of one another
+        self.slots = [torch.tensor(j, device=device) for j in range(rank, 8, world)]
         self.ema = [p.detach().float().clone() for p in m.parameters()] if h.ema_decay > 0 else None  # fp32, on device
         self.snapshots = []  # --average_last: (step, weights in host memory)
         self.loss_sum = torch.zeros((), device=device)  # training loss summed on the device: no host sync in the step
@@ -1311,9 +1362,11 @@ class Trainer:
         plan, windows = self.schedule.at(step), self.set_windows(step)
         batches, lengths = loader.next_step(plan.batch_size, plan.max_seq_len)
         mtp, prefix = self.loss_weights[step]
-        for inputs, targets, bigram in batches:
+        if self.model.fp8_mlp:
+            self.model.refresh_fp8_scales(step)
+        for (inputs, targets, bigram), slot in zip(batches, self.slots):
             masks = self.model.layer_masks(inputs, windows, self.flex)
-            loss, next_token_loss = self.fwd(inputs, targets, bigram, masks, mtp, prefix)
+            loss, next_token_loss = self.fwd(inputs, targets, bigram, masks, mtp, prefix, slot=slot)
             (loss / 8).backward()  # gradients summed over ranks and micro-batches = mean over the 8 slots
             self.loss_sum += next_token_loss.detach()
         wd = plan.lr if self.h.wd_schedule == "lr" else 1.0  # decay on the LR schedule (the record) or the peak lr
@@ -1457,7 +1510,11 @@ class Trainer:
                 dist.all_reduce(g)
             pending.append(g.cpu())
         adam = [{k: gather(v, sh) for k, v in s.items()} for s, sh in zip(self.adam.state(), self.adam.sharded)]
-        return dict(model={k: v.cpu() for k, v in self.model.state_dict().items()}, muon=muon, adam=adam,
+        model = {k: v.cpu() for k, v in self.model.state_dict().items()}
+        if self.world > 1:  # each rank renews its own slots' FP8 activation scales: slot rank + world * a
+            mine = self.model.fp8_act_scales[self.rank::self.world]
+            model["fp8_act_scales"] = gather(mine).unflatten(0, (self.world, -1)).transpose(0, 1).flatten(0, 1)
+        return dict(model=model, muon=muon, adam=adam,
                     adam_t=list(self.adam.t), adam_pending=pending, tied=self.tied,
                     ema=None if self.ema is None else [t.cpu() for t in self.ema], snapshots=self.snapshots)
 

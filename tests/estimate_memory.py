@@ -10,7 +10,7 @@ NorMuon banks in fp32) and two consecutive train_step calls of the last stage af
 untie (steps 848 and 849 of the default schedule: a slot of 393,216 / 8 = 49,152 tokens, windows (5, 11), one
 prediction, no prefix loss; the second step also runs Adam, on gradients accumulated over both steps), with
 trainer.tied = False as a run resumed there has it, and with the choices Trainer and GPT make on an H100: bf16 model,
-FlexAttention BlockMasks, FP8 head and MLP up projections. The step runs eagerly (no torch.compile). To make that
+FlexAttention BlockMasks, FP8 head and MLP projections. The step runs eagerly (no torch.compile). To make that
 possible on a CPU build of torch, and nothing else:
 - the tensors are fake CPU tensors (a CPU build cannot index a fake CUDA tensor), so GPT gets the dtype Trainer picks
   on CUDA (bf16), Trainer.flex, lm_head.fp8 and the model's fp8_mlp are set as on an H100, and the GPT is built on
@@ -44,8 +44,8 @@ LEFT_OUT = """left out of the estimate:
   the MUDD mixes, the bigram sign product) and its partitioner keeps fewer tensors for backward, recomputing cheap
   ones: the compiled peak is likely lower, most of all in the DC correction of the last layer, whose eager banded
   form keeps the scores' fp32 softmax (the record runs a Triton kernel)
-- the record's FP8 down projection and its bf16 banks with separately kept mantissas (here: a bf16 down projection,
-  fp32 banks; the up projection's e4m3 copies of x and w live only inside it)
+- the record's bf16 banks with separately kept mantissas (here: fp32 banks); the FP8 MLP's e4m3 copies of its
+  operands live only inside its projections, as the record's (both save their bf16 inputs for backward)
 - FlexAttention's compiled kernels: their workspace is not modelled (the operator's outputs and gradients are)
 - the FP8 head's kernels: _scaled_mm's internals and the copies inside fp8_mm / fp8_mm_backward (only the operator's
   outputs count: bf16 logits, e4m3 copies of x and W, and in backward grad_x bf16 and grad_w fp32; the gradient's
@@ -255,7 +255,7 @@ def report(result):
     lines = [f"train_gpt.py, default Hyperparameters, rank 0 of {WORLD}: steps {first} and {second} (the last stage, "
              f"{'tied' if result['tied'] else 'untied'}; Adam in step {second}), one slot of {result['slot']:,} tokens "
              f"per step, windows {result['windows']}, {result['predictions']} prediction(s), bf16, FlexAttention, "
-             "FP8 head and MLP up projections, eager, on fake tensors",
+             "FP8 head and MLP projections, eager, on fake tensors",
              f"parameters: {result['params']:,}",
              f"estimated peak allocated: {peak['Total'] / GB:.2f} GB ({peak['Total'] / 2**20:,.0f} MiB), "
              f"in {result['peak_phase']}",

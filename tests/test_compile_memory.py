@@ -57,7 +57,9 @@ def record_terms(h):
     saved_at_least = n_mlp * 8 * u + n_attn * 4 * u + 2 * u + n_ve * u + dc_probs + 3 * T * V
     saved_at_most = (28 * (n_attn - 1) + 12 * (n_mlp - n_attn) + 48 + 20) * u + 3 * T * V
     rotary = 2 * 2 * max(h.val_seq_len, T) * hd * bf16  # cos and sin of 2 * max_len positions (paired heads)
-    buffers = rotary + h.bigram_sign_rows * D * bf16 + V * 8  # the rotary tables, the bigram signs, the prefix table
+    # the rotary tables, the bigram signs, the prefix table, the FP8 down projections' scales (8 slots' activation
+    # scales and 2 weight scales a layer, fp32)
+    buffers = rotary + h.bigram_sign_rows * D * bf16 + V * 8 + (8 + 2) * L * fp32
     return dict(weights=weights, adam_grads=adam_grads, optimizer_state=muon_state + adam_moments,
                 buffers=buffers, saved_at_least=saved_at_least, saved_at_most=saved_at_most)
 

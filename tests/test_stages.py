@@ -452,7 +452,7 @@ def recording_trainer(steps):
             if "model" not in steps[-1]:
                 steps[-1]["model"] = copy.deepcopy(self.model)
             steps[-1]["calls"].append(args)
-            return self.real_fwd(*args)
+            return self.real_fwd(*args, **kw)
 
         def recording_adam_launch(self, *args, **kw):  # the gradients Adam's reductions take
             steps[-1]["adam_grads"] = (self.model.lm_head.weight.grad.clone(), self.model.embed.weight.grad.clone())
@@ -590,6 +590,40 @@ def test_world_size_2_matches_world_size_1_across_stages_and_the_untie(staged_ru
             assert rel(sb[key], sa[key]) < bound if sa[key].norm() > 0 else sb[key].norm() == 0, (name, key)
     va, vb = parse_log(d / "logs/full.txt")[2], parse_log(d / "logs/w2.txt")[2]
     assert [step for step, _ in va] == [step for step, _ in vb] == [6] and abs(va[0][1] - vb[0][1]) < 1e-3, (va, vb)
+
+# the FP8 MLP of an H100 faked on a CPU: the model in bf16, its MLP in FP8 whatever the device
+FP8_MLP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+class FP8GPT(tg.GPT):
+    def __init__(self, h, max_len, dtype):
+        super().__init__(h, max_len, torch.bfloat16)
+        self.fp8_mlp = True
+tg.GPT = FP8GPT
+tg.main(sys.argv[1:])
+"""
+
+def test_fp8_activation_scales_are_per_slot_on_1_and_2_processes(tmp_path, gpt_files):
+    """The FP8 MLP's activation scales, renewed per slot by whichever rank runs it and gathered from the ranks into
+    the checkpoint, are those of one process after each of two steps (the first from the same weights: equal within
+    thread-order rounding); the 8 slots' rows differ by more."""
+    script = tmp_path / "fp8_mlp.py"
+    script.write_text(FP8_MLP_SCRIPT.format(root=os.path.dirname(SCRIPT)))
+    flags = [*gpt_files, *SMALL, *NO_PREFIX, "--num_iterations=2", "--num_extension_iterations=0", "--val_tokens=256",
+             "--val_loss_every=0", "--save_checkpoint=1", "--checkpoint_every=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for world in (1, 2):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                            str(script), *flags, f"--run_id=w{world}"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=HANG_S, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    for step in (1, 2):
+        a, b = (load_ckpt(tmp_path / f"logs/w{w}/state_step{step:06d}.pt")["model"] for w in (1, 2))
+        scales = a["fp8_act_scales"]
+        assert rel(b["fp8_act_scales"], scales) < 1e-3 and torch.equal(b["fp8_down_scales"], a["fp8_down_scales"])
+        apart = min(rel(scales[i], scales[j]) for i in range(8) for j in range(i))
+        assert apart > 1e-2 and not torch.equal(scales, torch.ones_like(scales)), (step, apart)
 
 # a tiktoken plugin: ids 0..511 (the test corpus's tokens) are all single bytes and 256 strings, each extending an
 # earlier token by one byte, so that half the corpus tokens have a prefix token
