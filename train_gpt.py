@@ -441,6 +441,9 @@ class BlockwiseMask(NamedTuple):
     docs: Tensor  # document index of each position
     window: int   # in 128-token blocks
 
+BLOCK_TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                "full_q_num_blocks", "full_q_indices")  # BlockMask's, by name
+
 def make_masks(inputs: Tensor, windows, flex: bool, paired=False, bos_id=50256):
     """One attention mask per window (in 128-token blocks): a FlexAttention BlockMask, or its portable twin; a
     document starts at each bos_id. paired: for the interleaved stream of paired heads (two positions a token, the
@@ -455,17 +458,19 @@ def make_masks(inputs: Tensor, windows, flex: bool, paired=False, bos_id=50256):
     lo, hi = docs[0::BLOCK], docs[BLOCK - 1::BLOCK]
     dist_ = blk[:, None] - blk[None, :]  # q block minus kv block
     any_ = (dist_ >= 0) & (hi[None, :] >= lo[:, None])
-    one_doc = (lo == hi)[:, None] & (lo == hi)[None, :] & (lo[:, None] == lo[None, :])
-    def ordered(m):  # block-sparse indices: count and the visible kv blocks first, in order
-        order = m.int().argsort(dim=-1, descending=True, stable=True).int()
-        return m.sum(-1, dtype=torch.int32)[None, None], order[None, None]
-    masks = []
-    for ws in windows:
-        full = (dist_ > 0) & one_doc & (dist_ <= ws - 1)
+    earlier_one_doc = (dist_ > 0) & (lo == hi)[:, None] & (lo == hi)[None, :] & (lo[:, None] == lo[None, :])
+    blocks = []  # per window: partial and full kv blocks of each q block, and their transposes (the q-block tables,
+    for ws in windows:  # which BlockMask.from_kv_blocks would rebuild densely)
+        full = earlier_one_doc & (dist_ <= ws - 1)
         partial = any_ & (dist_ <= ws) & ~full
-        masks.append(BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK,
-                                              mask_mod=doc_causal_window(docs, ws * BLOCK)))
-    return masks
+        blocks += [partial, full, partial.T, full.T]
+    blocks = torch.stack(blocks)  # all windows' tables at once: the count and the visible blocks first, in order
+    counts = blocks.sum(-1, dtype=torch.int32)[:, None, None]
+    order = blocks.int().argsort(dim=-1, descending=True, stable=True).int()[:, None, None]
+    tables = [t for pair in zip(counts, order) for t in pair]  # count, indices; count, indices; ...
+    return [BlockMask(seq_lengths=(T, T), **dict(zip(BLOCK_TABLES, tables[8 * k:8 * k + 8])),
+                      BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=doc_causal_window(docs, ws * BLOCK))
+            for k, ws in enumerate(windows)]
 
 def attend(q, k, v, mask, scale):  # [B, T, H, D] in and out
     q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # compiled flex on strided q/k was seen wrong
@@ -863,7 +868,10 @@ class GPT(nn.Module):
         """Each layer's attention mask (None: no attention) for the (short, long) windows; paired layers get the
         doubled stream's."""
         kinds = [None if r in NO_ATTN else (windows[r in LONG], r in PAIRED) for r in self.rec]
-        made = {k: make_masks(inputs, [k[0]], flex, k[1], self.bos_id)[0] for k in set(kinds) - {None}}  # in use
+        made = {}
+        for paired in sorted({k[1] for k in kinds if k}):  # the windows in use, a make_masks call a stream
+            ws = sorted({k[0] for k in kinds if k and k[1] == paired})
+            made.update(zip([(w, paired) for w in ws], make_masks(inputs, ws, flex, paired, self.bos_id)))
         return [None if k is None else made[k] for k in kinds]
 
     def attention_flops(self, lengths, windows):

@@ -431,6 +431,26 @@ def test_scaled_mm_makes_its_scales_on_the_device():
     assert not [name for name in ops.names if "lift_fresh" in name]
 
 
+VIEWS = {"aten.unsqueeze.default", "aten.view.default", "aten.slice.Tensor", "aten.select.int", "aten.unbind.int",
+         "aten.permute.default", "aten.t.default", "aten.transpose.int", "aten.expand.default", "aten.alias.default"}
+
+
+def test_a_micro_batchs_block_masks_take_few_eager_kernels():
+    """The record model's masks for one micro-batch (short, long and paired windows; FlexAttention BlockMasks) in 57
+    eager operators that launch a kernel, views apart: one make_masks call a stream, one sort for all of its
+    windows' tables (a call a mask through BlockMask.from_kv_blocks, which rebuilds the q-block tables densely, took
+    175, and 322 operators with the views); none from host data."""
+    model = tg.GPT(tg.parse_args(["--model_dim=48", "--num_heads=6"]), 4096, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50000, (2048,), generator=g).int()
+    tokens[torch.randint(0, 2048, (12,), generator=g)] = 50256
+    with OpNames() as ops:
+        masks = model.layer_masks(tokens, (5, 11), True)
+    kernels = [name for name in ops.names if name not in VIEWS]
+    assert len({id(m) for m in masks if m is not None}) == 3 and ops.names.count("aten.sort.stable") == 2
+    assert len(kernels) <= 60 and not [name for name in ops.names if "lift_fresh" in name], len(kernels)
+
+
 # ---------------------------------------------------------------------------------------------- compiled graph
 
 # 5 layers: record layers 0, 2, 5 (paired heads: the doubled stream), 7 (XSA) and 10 (long window with the key

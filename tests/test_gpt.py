@@ -3,6 +3,7 @@ import dataclasses, math, os, re, subprocess, sys
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 import train_gpt as tg
 from tests.gptdata import SMALL_BOS, SMALL_VOCAB, learnable_docs, write_shard
@@ -236,6 +237,20 @@ def test_block_mask_against_brute_force(ws, bos):
                 assert j in partial | full, (i, j)
             if j not in partial | full:
                 assert not blocks[i, j].any(), (i, j)
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_block_masks_q_tables_are_torchs_transpose_of_their_kv_tables(paired):
+    """make_masks builds every window's q-block tables from its own block matrices at once; torch's
+    BlockMask.from_kv_blocks, which transposes the kv tables densely, gives the same tables."""
+    tokens = random_stream(1024, 3, 50256)
+    for ws, bm in zip([1, 3, 9], tg.make_masks(tokens, [1, 3, 9], flex=True, paired=paired)):
+        ref = BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                                       BLOCK_SIZE=128, mask_mod=bm.mask_mod)
+        assert bm.seq_lengths == ref.seq_lengths == ((2 if paired else 1) * 1024,) * 2
+        assert bm.BLOCK_SIZE == ref.BLOCK_SIZE
+        for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert torch.equal(getattr(bm, name), getattr(ref, name)), (ws, name)
+            assert getattr(bm, name).is_contiguous() and getattr(bm, name).dtype == torch.int32
 
 def dense_attention(q, k, v, mask, scale):
     """[B, T, H, D] attention with the full T x T boolean mask: the obvious reference."""
