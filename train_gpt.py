@@ -353,22 +353,26 @@ class FP8UpProjection(torch.autograd.Function):
 FP8_DOWN_HEADROOM = (1.80, 1.12)
 
 class FP8DownProjection(torch.autograd.Function):
-    """post @ w for the MLP's down projection as record #89: both operands in e4m3 by scales set aside before the
-    product (GPT.refresh_fp8_scales, GPT.forward), so nothing waits on an amax; what outgrew its scale clips at 448
-    (post >= 0: only above). The backward in bf16 from post and w, as the bf16 path's. w is quantized from the bank's
-    bf16 copy, as in FP8UpProjection."""
+    """(relu(pre)^2 @ w, amax of relu(pre)^2) for the MLP as record #89: post = relu(pre)^2 in bf16 and w in e4m3 by
+    scales set aside before the product (GPT.refresh_fp8_scales, GPT.forward), so nothing waits on an amax; what
+    outgrew its scale clips at 448 (post >= 0: only above). The backward in bf16 keeps post alone, as the record's
+    kernel, which takes relu(pre) = sqrt(post). w is quantized from the bank's bf16 copy, as in FP8UpProjection."""
     @staticmethod
-    def forward(ctx, post, w, post_scale, w_scale):
+    def forward(ctx, pre, w, post_scale, w_scale):
+        post = F.relu(pre).square()
         # in fp32, rounded once to e4m3; the record multiplies by the activation scale's fp32 reciprocal
         postf = (post.float() * (1 / post_scale)).clamp_max(448).to(torch.float8_e4m3fn)
         wf = (w.float() / w_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
         ctx.save_for_backward(post, w)
-        return scaled_mm(postf, wf.T.contiguous().T, post.dtype, post_scale, w_scale, fast_accum=True)
+        amax = post.amax().float()
+        ctx.mark_non_differentiable(amax)
+        return scaled_mm(postf, wf.T.contiguous().T, post.dtype, post_scale, w_scale, fast_accum=True), amax
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         post, w = ctx.saved_tensors
-        return grad @ w.T, post.T @ grad, None, None
+        grad_pre = (2 * (grad @ w.T).float() * post.float().sqrt()).to(post.dtype)  # 0 where pre <= 0 (post = 0)
+        return grad_pre, post.T @ grad, None, None
 
 # ----------------------------------------------------------------------------------------------------
 # Model
@@ -773,8 +777,8 @@ class GPT(nn.Module):
         up, down = self.mlp_bank[i].type_as(x)
         if fp8_scales is None:
             return F.relu(F.linear(x, up)).square() @ down, None
-        post = F.relu(FP8UpProjection.apply(x.flatten(0, -2), up)).square()
-        return FP8DownProjection.apply(post, down, *fp8_scales).view_as(x), post.detach().amax().float()
+        y, amax = FP8DownProjection.apply(FP8UpProjection.apply(x.flatten(0, -2), up), down, *fp8_scales)
+        return y.view_as(x), amax
 
     @torch.no_grad()
     def refresh_fp8_scales(self, step):

@@ -45,7 +45,7 @@ LEFT_OUT = """left out of the estimate:
   ones: the compiled peak is likely lower, most of all in the DC correction of the last layer, whose eager banded
   form keeps the scores' fp32 softmax (the record runs a Triton kernel)
 - the record's bf16 banks with separately kept mantissas (here: fp32 banks); the FP8 MLP's e4m3 copies of its
-  operands live only inside its projections, as the record's (both save their bf16 inputs for backward)
+  operands live only inside its projections, as the record's (its backward keeps x and post = relu(x W)^2 only)
 - FlexAttention's compiled kernels: their workspace is not modelled (the operator's outputs and gradients are)
 - the FP8 head's kernels: _scaled_mm's internals and the copies inside fp8_mm / fp8_mm_backward (only the operator's
   outputs count: bf16 logits, e4m3 copies of x and W, and in backward grad_x bf16 and grad_w fp32; the gradient's

@@ -40,11 +40,11 @@ def record_terms(h):
         muon_state += k * (rows * cols + (rows if rows >= cols else cols)) * fp32
     adam_moments = 2 * fp32 * ((tables + scalars) // world + small_bf16 + lambdas)
     # What the eager forward keeps for backward, in bf16 units u = T x D (re-derived for this model):
-    # at least relu(x W) and its square (4 u each) in each MLP, FlexAttention's contiguous q, k, v and its output in
-    # each attention layer (paired layers: 2T positions at half the heads, the same size), the bigram term's sign
-    # rows and product, the 5 value-embedding lookups, the DC correction's fp32 softmax over its banded keys (T x H x
-    # 256), and at the head (the fused loss as compiled) the softcap's s (bf16, in the logits' place) and, in its
-    # backward, the e5m2 gradient: 3 bytes T x V at once, the record's 7.4 GB;
+    # at least post = relu(x W)^2 (4 u) in each MLP (the FP8 MLP keeps it alone, as the record), FlexAttention's
+    # contiguous q, k, v and its output in each attention layer (paired layers: 2T positions at half the heads, the
+    # same size), the bigram term's sign rows and product, the 5 value-embedding lookups, the DC correction's fp32
+    # softmax over its banded keys (T x H x 256), and at the head (the fused loss as compiled) the softcap's s (bf16,
+    # in the logits' place) and, in its backward, the e5m2 gradient: 3 bytes T x V at once, the record's 7.4 GB;
     # at most: a layer with attention and MLP keeps 2 residual-stream tensors, the normed input, the qkv projection
     # (3 u), flex's q, k, v and output, the XSA and gate products (2 u), the output projection's input and output, a
     # value-embedding product, the MLP's normed input, relu(x W) and its square and the MLP's output: 26 u, counted
@@ -54,7 +54,7 @@ def record_terms(h):
     # MUDD-gate input, the sums after the loop, the final norm and its FP8 copy) about 16, counted 20
     u = T * D * bf16
     dc_probs = T * H * 2 * 128 * fp32
-    saved_at_least = n_mlp * 8 * u + n_attn * 4 * u + 2 * u + n_ve * u + dc_probs + 3 * T * V
+    saved_at_least = n_mlp * 4 * u + n_attn * 4 * u + 2 * u + n_ve * u + dc_probs + 3 * T * V
     saved_at_most = (28 * (n_attn - 1) + 12 * (n_mlp - n_attn) + 48 + 20) * u + 3 * T * V
     rotary = 2 * 2 * max(h.val_seq_len, T) * hd * bf16  # cos and sin of 2 * max_len positions (paired heads)
     # the rotary tables, the bigram signs, the prefix table, the FP8 down projections' scales (8 slots' activation

@@ -88,27 +88,49 @@ def test_fp8_up_projection_follows_the_records_scale_rule_with_a_bf16_backward()
 
 
 def test_fp8_down_projection_follows_the_records_rule_with_a_bf16_backward():
-    """FP8DownProjection against record #89's rule written out in fp64: post / post_scale clipped at 448 and
-    w / w_scale, rounded to e4m3, their product times both scales, rounded to bf16 (scales given: delayed, set aside
-    before the product); within FP8 noise of the exact product where few values clip; the backward is the bf16
-    product of the gradient with w and post, as a matmul's."""
+    """FP8DownProjection against record #89's rule written out in fp64: post = relu(pre)^2 (bf16) / post_scale
+    clipped at 448 and w / w_scale, rounded to e4m3, their product times both scales, rounded to bf16 (scales given:
+    delayed, set aside before the product); within FP8 noise of the exact product where few values clip; amax(post)
+    exactly; the backward in bf16 from post alone: w's gradient post.T @ grad exactly, pre's 2 (grad @ w.T) relu(pre)
+    within bf16 rounding (relu(pre) taken as sqrt(post), as the record's kernel) and 0 where pre <= 0."""
     g = torch.Generator().manual_seed(4)
-    post = (torch.randn(64, 256, generator=g).relu().square()).bfloat16()  # >= 0, as relu^2
+    pre = torch.randn(64, 256, generator=g).bfloat16()
+    post = pre.double().relu().square().bfloat16().double()  # relu(pre)^2 rounded once to bf16
     w = (torch.randn(256, 128, generator=g) * 0.02).bfloat16()
-    post_scale = torch.tensor(float(post.double().max()) * 0.9 / 448)  # grown 11% past the scale: the top clips
+    post_scale = torch.tensor(float(post.max()) * 0.9 / 448)  # grown 11% past the scale: the top clips
     w_scale = torch.tensor(float(w.double().abs().max()) * 1.12 / 448)
-    postq = (post.double() / float(post_scale)).clamp(max=448).to(torch.float8_e4m3fn).double()
+    postq = (post / float(post_scale)).clamp(max=448).to(torch.float8_e4m3fn).double()
     wq = (w.double() / float(w_scale)).to(torch.float8_e4m3fn).double()
     # e4m3 has no 449: unclipped, these depend on the cast (NaN at 464 and above in c10's, 448 in this CPU's)
-    assert (post.double() / float(post_scale) > 448).sum() > 0
+    assert (post / float(post_scale) > 448).sum() > 0
     rule = postq @ wq * float(post_scale) * float(w_scale)
-    post_leaf, w_leaf = post.clone().requires_grad_(), w.clone().requires_grad_()
-    out = tg.FP8DownProjection.apply(post_leaf, w_leaf, post_scale, w_scale)
-    assert out.dtype == torch.bfloat16 and rel(out, rule) < 2 ** -7
-    assert rel(out, post.double() @ w.double()) < 0.08
+    pre_leaf, w_leaf = pre.clone().requires_grad_(), w.clone().requires_grad_()
+    out, amax = tg.FP8DownProjection.apply(pre_leaf, w_leaf, post_scale, w_scale)
+    assert out.dtype == torch.bfloat16 and rel(out, rule) < 2 ** -7 and float(amax) == float(post.max())
+    assert rel(out, post @ w.double()) < 0.08
     grad = (torch.randn(64, 128, generator=g) * 0.01).bfloat16()
     out.backward(grad)
-    assert torch.equal(post_leaf.grad, grad @ w.T) and torch.equal(w_leaf.grad, post.T @ grad)
+    assert torch.equal(w_leaf.grad, post.bfloat16().T @ grad)
+    exact = 2 * (grad.double() @ w.double().T) * pre.double().relu()
+    assert rel(pre_leaf.grad, exact) < 2 ** -7 and (pre_leaf.grad[pre <= 0] == 0).all()
+
+
+def test_fp8_mlp_keeps_one_activation_for_backward():
+    """In training, the FP8 MLP keeps for its backward x and the weights, and of the hidden activations only post =
+    relu(pre)^2, as the record: relu(pre) and pre are not kept (the bf16 path's autograd keeps relu(pre) as well)."""
+    with mock.patch.object(torch.cuda, "is_available", lambda: True), \
+            mock.patch.object(torch.cuda, "get_device_capability", lambda *a: (9, 0)):
+        model = tg.GPT(tg.parse_args(SMALL_VOCAB + ["--num_layers=2", "--model_dim=64", "--num_heads=2"]), 256,
+                       torch.bfloat16)
+    x = torch.randn(1, 128, 64).bfloat16().requires_grad_()
+    for scales, n_hidden in [((torch.tensor(0.01), torch.tensor(0.001)), 1), (None, 2)]:
+        kept = {}
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.shape
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.mlp(x, 0, scales)
+        assert sum(shape[-1] == 256 and shape.numel() == 128 * 256 for shape in kept.values()) == n_hidden, kept
 
 
 def fp8_mlp_model(monkeypatch, flags=()):
@@ -172,8 +194,10 @@ def test_fp8_mlp_scales_are_the_records_delayed_ones_per_slot(monkeypatch):
     of the post that its previous forward quantized, whatever the other slots did; evaluation touches none."""
     model, batch = fp8_mlp_model(monkeypatch)
     seen, real = [], tg.FP8DownProjection.apply
-    monkeypatch.setattr(tg.FP8DownProjection, "apply",
-                        lambda post, w, a, b: seen.append((post.double(), float(a), float(b))) or real(post, w, a, b))
+    def spy(pre, w, a, b):  # post as the record defines it: relu(pre)^2 in bf16
+        seen.append((pre.detach().relu().square(), float(a), float(b)))
+        return real(pre, w, a, b)
+    monkeypatch.setattr(tg.FP8DownProjection, "apply", spy)
     L, g = model.mlp_bank.size(0), torch.Generator().manual_seed(6)
     record_next = [1.0] * L  # the record's _mlp_down_proj_next_scales
     def record_quantize(bootstrap):  # returns the scales its next step uses
