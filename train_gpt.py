@@ -463,8 +463,10 @@ def make_masks(inputs: Tensor, windows, flex: bool, paired=False, bos_id=50256):
     dist_ = blk[:, None] - blk[None, :]  # q block minus kv block
     any_ = (dist_ >= 0) & (hi[None, :] >= lo[:, None])
     earlier_one_doc = (dist_ > 0) & (lo == hi)[:, None] & (lo == hi)[None, :] & (lo[:, None] == lo[None, :])
-    blocks = []  # per window: partial and full kv blocks of each q block, and their transposes (the q-block tables,
-    for ws in windows:  # which BlockMask.from_kv_blocks would rebuild densely)
+    # per window: the partial and the full kv blocks of each q block, and their transposes, the q-block tables (which
+    # BlockMask.from_kv_blocks would rebuild densely)
+    blocks = []
+    for ws in windows:
         full = earlier_one_doc & (dist_ <= ws - 1)
         partial = any_ & (dist_ <= ws) & ~full
         blocks += [partial, full, partial.T, full.T]
