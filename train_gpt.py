@@ -55,6 +55,7 @@ class Hyperparameters:
     dc_window: int = 112                # tokens the last layer's dynamically composable attention looks back over
     bigram_vocab_size: int = 377280     # bigram hash embedding rows (50304 * 15 // 2); 0 = none
     bigram_sign_rows: int = 8192        # rows of the fixed +-1 sign table of the bigram embedding
+    sparse_bigram: bool = True          # on 2+ ranks, the bigram gradient's rows used (record #71), not the table
     ws_extension: int = 13              # long window in the extension steps
     ws_validate: int = 20               # long window at the final validation (no YaRN update)
     lr: float = 0.023                   # NorMuon learning rate (attention and MLP matrices)
@@ -725,11 +726,11 @@ class GPT(nn.Module):
             self.mudd_gate_b2[1, post["skip"]] = 0.5 / 0.1
             self.mudd_gate_b2[1, post["dc_w1"]] = 1.0 / 0.1  # (w2 starts at 0)
         small = (self.embed, self.smear_gate, self.lm_head, self.bigram_embed)  # stored in the compute dtype, as the
-        for m in small:  # record; the banks (NorMuon) and the lambdas stay fp32
+        for m in small:  # record; so are the banks (NorMuon keeps each rank's matrices' low 16 bits), not the lambdas
             if m is not None:
                 m.to(dtype)
         for p in (self.value_embeds, self.ve_gate_bank, self.mudd_w1, self.mudd_w2, self.mudd_b2, self.mudd_gate_w1,
-                  self.mudd_gate_w2, self.mudd_gate_b2):
+                  self.mudd_gate_w2, self.mudd_gate_b2, self.qk_bank, self.vo_bank, self.mlp_bank):
             p.data = p.data.to(dtype)
 
     def gates(self, x, j, out):
@@ -788,7 +789,7 @@ class GPT(nn.Module):
         takes the one set aside by the last (from its weights), or amax / 448 of the current weights in the steps
         0-16 (the record bootstraps before step 0 and after steps 0-15); then amax * 1.12 / 448 of the current
         weights is set aside."""
-        amax = torch.linalg.vector_norm(self.mlp_bank[:, 1], float("inf"), dim=(1, 2)).clamp_min(1e-12)  # max |w|
+        amax = torch.linalg.vector_norm(self.mlp_bank[:, 1], float("inf"), dim=(1, 2)).float().clamp_min(1e-12)
         if step <= 16:
             self.fp8_down_scales[1] = amax / 448
         self.fp8_down_scales[0] = self.fp8_down_scales[1]
@@ -928,10 +929,18 @@ def decay_rate(u, p, wd, mode):
         return wd * (u * p >= 0)
     return wd if mode == "decoupled" else 0.0
 
+def split_fp32(x):  # fp32 -> its top 16 bits as bf16 (truncated, as the record) and its low 16 bits as int16
+    bits = x.view(torch.int32)
+    return (bits >> 16).to(torch.int16).view(torch.bfloat16), ((bits << 16) >> 16).to(torch.int16)
+
+def join_fp32(hi, lo):  # split_fp32's inverse: the fp32 whose top half is bf16 hi and low half int16 lo
+    return ((hi.view(torch.int16).int() << 16) | (lo.int() & 0xFFFF)).view(torch.float32)
+
 class NorMuon:
     """Per bank of matrices [n, rows, cols]: Nesterov momentum -> Polar Express on each matrix -> NorMuon row/column
     normalization -> cautious WD. A bank's matrices are split over the ranks (zero-padded to world * k), each rank
-    updates its k."""
+    updates its k. A bf16 bank (the GPU's) is reduced and gathered in bf16, as the record: each rank keeps its own
+    matrices' low 16 bits (lo), so its update is applied to the fp32 weights, whose truncation the bank holds."""
     def __init__(self, banks, comm: Comm, lr, beta2, weight_decay, ortho=polar_express, wd_mode="cautious"):
         self.comm, self.lr, self.beta2, self.weight_decay = comm, lr, beta2, weight_decay  # momentum: given per step
         self.ortho, self.wd_mode, self.groups = ortho, wd_mode, []
@@ -941,8 +950,10 @@ class NorMuon:
             lr_mul = [lr_muls[i] * max(1, rows / cols) ** 0.5 if i < n else 0.0 for i in range(k * comm.world)]
             self.groups.append(dict(p=p, n=n, k=k, red=-1 if rows >= cols else -2,
                                     lr_mul=torch.tensor(lr_mul[comm.rank * k:comm.rank * k + k], device=p.device),
-                                    mom=torch.zeros(k, rows, cols, dtype=p.dtype, device=p.device),
+                                    mom=torch.zeros(k, rows, cols, device=p.device),
                                     v=torch.zeros((k, rows, 1) if rows >= cols else (k, 1, cols), device=p.device)))
+            if p.dtype == torch.bfloat16:
+                self.groups[-1]["lo"] = torch.zeros(k, rows, cols, dtype=torch.int16, device=p.device)
 
     @torch.no_grad()
     def launch(self):
@@ -971,6 +982,8 @@ class NorMuon:
                 work.wait()
             k = g["k"]
             P = self.padded(g["p"].view(g["n"], *g["mom"].shape[1:])[r * k:(r + 1) * k], k)
+            P = join_fp32(P, g["lo"]) if "lo" in g else P  # this rank's matrices in fp32
+            grad = grad.float()
             if self.wd_mode == "l2":
                 grad = grad + wd * P
             g["mom"].lerp_(grad, 1 - momentum)
@@ -981,15 +994,19 @@ class NorMuon:
             O = O * g["v"].clamp_min(1e-10).rsqrt()
             O = O * (fro / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
             O = O + decay_rate(O, P, wd, self.wd_mode) * P  # cautious: only where the update already shrinks |p|
-            new = torch.empty(k * world, *P.shape[1:], dtype=P.dtype, device=P.device)
-            gathers.append((g, new, self.comm.all_gather(new, (P - lr * g["lr_mul"].view(-1, 1, 1) * O).to(P.dtype))))
+            P = P - lr * g["lr_mul"].view(-1, 1, 1) * O
+            if "lo" in g:
+                P, lo = split_fp32(P)
+                g["lo"].copy_(lo)
+            new = torch.empty(k * world, *P.shape[1:], dtype=g["p"].dtype, device=P.device)
+            gathers.append((g, new, self.comm.all_gather(new, P)))
         for g, new, work in gathers:
             if work is not None:
                 work.wait()
             g["p"].view(g["n"], *new.shape[1:]).copy_(new[:g["n"]])
 
     def state(self):  # this rank's shards
-        return [dict(mom=g["mom"], v=g["v"]) for g in self.groups]
+        return [{key: g[key] for key in ("mom", "v", "lo") if key in g} for g in self.groups]
 
 # Adam parameters as record #89, by name (without ".weight"): (betas, lr_mul, wd_mul)
 ADAM_PARAMS = {"lm_head": ((0.5, 0.95), 1.0, 150.0), "embed": ((0.5, 0.95), 1.0, 150.0),
@@ -1040,12 +1057,16 @@ class DistAdam:
         self.v = [torch.zeros_like(m) for m in self.m]
 
     @torch.no_grad()
-    def launch(self, skip=()):
+    def launch(self, skip=(), sparse=None):
         """Launch the gradients' reductions. skip: parameters left alone this step (a tied embedding); so is one
-        without a gradient (unused in this model), as the record: no moment decay, no step counted."""
+        without a gradient (unused in this model), as the record: no moment decay, no step counted. sparse: a
+        SparseRows, whose parameter's rows it sends in place of the reduce-scatter."""
         todo = [i for i, p in enumerate(self.params) if p.grad is not None and all(p is not q for q in skip)]
-        self.pending = {i: (self.comm.reduce_scatter if self.sharded[i] else self.comm.all_reduce)(self.params[i].grad)
-                        for i in todo}
+        self.pending = {}
+        for i in todo:
+            p = self.params[i]
+            reduce = self.comm.reduce_scatter if self.sharded[i] else self.comm.all_reduce
+            self.pending[i] = sparse.exchange(p.grad) if sparse is not None and sparse.param is p else reduce(p.grad)
 
     def step(self, lr_mult, wd_mult=None, skip=()):
         self.launch(skip)
@@ -1090,6 +1111,54 @@ class DistAdam:
 
     def state(self):
         return [dict(m=m, v=v) for m, v in zip(self.m, self.v)]
+
+class SparseRows:
+    """Record #71's reduce-scatter of the bigram table's gradient as an all-to-all of the rows used. A rank's
+    gradient is zero outside the rows its micro-batches hashed to since the last Adam step (add), so each rank sends
+    each row range's owner only those rows of its range (record #89's stage 3: under 100k of the 377,280 rows), and
+    the owner adds them to its own gradient rows: the dense reduce-scatter's sum, in another order. Row counts travel
+    on the host (start, before the forwards), row numbers and gradient rows on the device (exchange)."""
+    def __init__(self, param, comm: Comm, pinned=None):
+        self.param, self.comm, self.pinned = param, comm, pinned  # pinned: a PinnedBuffers on CUDA
+        self.touched = np.zeros(param.size(0), dtype=bool)
+        self.k = param.size(0) // comm.world  # rows a rank owns
+
+    def add(self, rows):  # a micro-batch's bigram rows (host)
+        self.touched[rows] = True
+
+    def start(self):
+        """The rows this rank sends (the touched ones outside its own range), and the counts' exchange, launched."""
+        rank, world = self.comm.rank, self.comm.world
+        rows = np.flatnonzero(self.touched).astype(np.int32)
+        self.touched[:] = False
+        ends = np.searchsorted(rows, np.arange(world + 1) * self.k)
+        self.send_counts = np.diff(ends)
+        self.send_counts[rank] = 0
+        rows = np.concatenate([rows[:ends[rank]], rows[ends[rank + 1]:]])
+        staged = torch.from_numpy(rows) if self.pinned is None else self.pinned.stage(0, rows)
+        self.send_rows = staged.to(self.param.device, non_blocking=True)
+        if self.pinned is not None:
+            self.pinned.copied(0)
+        self.recv_counts = torch.empty(world, dtype=torch.int64)
+        self.counts_work = dist.all_to_all_single(self.recv_counts, torch.from_numpy(self.send_counts), async_op=True)
+
+    def exchange(self, grad):
+        """The touched rows of grad to their owners; returns (this rank's rows of grad, a work whose wait() adds the
+        rows received to them), as Comm.reduce_scatter returns (shard, work)."""
+        self.counts_work.wait()
+        send, recv = self.send_counts.tolist(), self.recv_counts.tolist()
+        self.recv_rows = torch.empty(sum(recv), dtype=torch.int32, device=grad.device)
+        self.rows_work = dist.all_to_all_single(self.recv_rows, self.send_rows, recv, send, async_op=True)
+        self.recv_vals = grad.new_empty(sum(recv), grad.size(1))
+        self.vals_work = dist.all_to_all_single(self.recv_vals, grad[self.send_rows], recv, send, async_op=True)
+        self.grad = grad
+        return grad[self.comm.rank * self.k:(self.comm.rank + 1) * self.k], self
+
+    def wait(self):
+        self.rows_work.wait()
+        self.vals_work.wait()
+        self.grad.index_add_(0, self.recv_rows, self.recv_vals)
+        self.grad = self.recv_vals = None
 
 # ----------------------------------------------------------------------------------------------------
 # Data: shards (256 int32 header + uint16 tokens), BOS-aligned training slots, fixed validation slabs
@@ -1204,7 +1273,8 @@ class TrainLoader:
 
     def next_step(self, batch_size, max_seq_len):
         """This rank's micro-batches for one step, a list of (inputs int32, targets int64, bigram rows int32 or
-        None), and all 8 slots' piece lengths. Tokens and bigram rows travel in one pinned buffer (PinnedBuffers)."""
+        None), and all 8 slots' piece lengths. Tokens and bigram rows travel in one pinned buffer (PinnedBuffers);
+        the bigram rows stay on the host too (self.bigram_rows, for SparseRows)."""
         slot_len = batch_size // 8
         for shards_tried in range(len(self.files) + 1):
             out = take_slots(self.tokens, self.bos, self.ptr, 8, slot_len, max_seq_len)
@@ -1214,11 +1284,12 @@ class TrainLoader:
                 raise no_step_error(self.h, slot_len, max_seq_len)
             self._advance()
         slots, self.ptr = out
-        batches, rows = [], self.h.bigram_vocab_size
+        batches, rows, self.bigram_rows = [], self.h.bigram_vocab_size, []
         for a, (starts, ends) in enumerate(slots[self.rank::self.world]):
             tokens = np.concatenate([self.tokens[s:e] for s, e in zip(starts, ends)]).astype(np.int32)
             if rows:
                 tokens = np.stack([tokens, np.append(bigram_index(tokens[:-1], rows), 0)])
+                self.bigram_rows.append(tokens[1, :-1])
             buf = torch.from_numpy(tokens) if self.pinned is None else self.pinned.stage(a, tokens)
             buf = buf.to(self.device, non_blocking=True)
             if self.pinned is not None:
@@ -1353,6 +1424,10 @@ class Trainer:
         self.muon = NorMuon(muon, self.comm, h.lr, h.beta2, h.weight_decay, ortho, h.wd_mode)
         update = torch.compile(adam_update, dynamic=False, fullgraph=True) if h.compile else adam_update
         self.adam = DistAdam(adam, self.comm, h.adam_lr, h.adam_eps, h.adam_weight_decay, h.wd_mode, update)
+        table = m.bigram_embed.weight if m.bigram_embed is not None else None
+        sparse = h.sparse_bigram and table is not None and world > 1 and table.size(0) % world == 0  # else dense
+        pinned = PinnedBuffers() if device.type == "cuda" else None
+        self.sparse_rows = SparseRows(table, self.comm, pinned) if sparse else None
         self.tied = True  # the embedding is the head's weight until the schedule's untie step
         # each step's MTP and prefix loss weights, on the device once: tensors, so a new value does not recompile
         self.loss_weights = [(torch.tensor(p.mtp, device=device), torch.tensor(p.prefix, device=device))
@@ -1375,6 +1450,12 @@ class Trainer:
         self.model.train()
         plan, windows = self.schedule.at(step), self.set_windows(step)
         batches, lengths = loader.next_step(plan.batch_size, plan.max_seq_len)
+        sparse = self.sparse_rows if step % 2 == 1 else None  # Adam's step: its bigram rows, counted before the
+        if self.sparse_rows is not None:  # forwards, are exchanged while the GPU computes, as the record
+            for rows in loader.bigram_rows:
+                self.sparse_rows.add(rows)
+            if sparse is not None:
+                sparse.start()
         mtp, prefix = self.loss_weights[step]
         if self.model.fp8_mlp:
             self.model.refresh_fp8_scales(step)
@@ -1389,7 +1470,7 @@ class Trainer:
         if step % 2 == 1:  # Adam steps every other step, on gradients accumulated over two steps
             if self.tied:  # one parameter used twice: the embedding's gradient joins the head's
                 head.grad += embed.grad
-            self.adam.launch(skip=[embed] if self.tied else [])  # every reduction in flight before any update, as
+            self.adam.launch([embed] if self.tied else [], sparse)  # every reduction in flight before any update, as
         self.muon.finish(plan.lr, muon_momentum(step, self.h), wd)  # the record orders them
         for p in self.muon_params:
             p.grad = None
@@ -1411,7 +1492,8 @@ class Trainer:
         per phase; then restore all state."""
         h, m = self.h, self.model
         saved = copy.deepcopy(dict(model=m.state_dict(), opt=self.muon.state() + self.adam.state(), t=self.adam.t,
-                                   grads=[p.grad for p in self.adam_params], ema=self.ema, loss=self.loss_sum))
+                                   grads=[p.grad for p in self.adam_params], ema=self.ema, loss=self.loss_sum,
+                                   touched=None if self.sparse_rows is None else self.sparse_rows.touched))
         rot, tied = (m.rotary.freq, m.rotary.attn_scale, m.rotary.ws), self.tied
         loader = TrainLoader(h, self.rank, self.world, self.device)
         firsts = {}
@@ -1437,6 +1519,8 @@ class Trainer:
             for k in live:
                 live[k].copy_(keep[k])
         self.adam.t, self.ema, self.tied = saved["t"], saved["ema"], tied
+        if self.sparse_rows is not None:
+            self.sparse_rows.touched = saved["touched"]
         for p, g in zip(self.adam_params, saved["grads"]):
             p.grad = g
         for p in self.muon_params:
@@ -1510,9 +1594,10 @@ class Trainer:
         def gather(t, sharded=True):
             if self.world == 1 or not sharded:
                 return t.cpu()
-            out = t.new_empty(t.size(0) * self.world, *t.shape[1:])
-            dist.all_gather_into_tensor(out, t.contiguous())
-            return out.cpu()
+            bits = t.view(torch.bfloat16) if t.dtype == torch.int16 else t  # NCCL and gloo move no int16 (NorMuon's lo)
+            out = bits.new_empty(t.size(0) * self.world, *t.shape[1:])
+            dist.all_gather_into_tensor(out, bits.contiguous())
+            return out.view(t.dtype).cpu()
         muon = [{k: gather(v)[:g["n"]] for k, v in s.items()} for g, s in zip(self.muon.groups, self.muon.state())]
         pending = []
         for p in self.adam_params:  # gradients that Adam has accumulated but not yet used (after an even step)
@@ -1546,6 +1631,8 @@ class Trainer:
         self.adam.t = list(sd["adam_t"])
         for p, g in zip(self.adam_params, sd["adam_pending"]):  # rank 0 holds the summed pending gradient
             p.grad = None if g is None else (g.to(p.device) if self.rank == 0 else torch.zeros_like(p))
+            if self.sparse_rows is not None and p is self.sparse_rows.param and g is not None and self.rank == 0:
+                self.sparse_rows.add(g.ne(0).any(1).numpy())  # its nonzero rows: the others add nothing
         self.tied = sd["tied"]
         if self.ema is not None:  # a checkpoint without a shadow starts it from its weights
             if sd.get("ema"):
@@ -1757,7 +1844,8 @@ def main(argv):
     check_model_fits(h, device)
     if world > 1:
         cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # CUDA: NCCL, and gloo for host tensors (SparseRows' row counts), as the record
+        dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo", device_id=device if cuda else None)
     master = rank == 0
     run_id = h.run_id or str(uuid.uuid4())
     logfile = f"logs/{run_id}.txt"

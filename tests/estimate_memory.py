@@ -6,9 +6,9 @@ Nothing is allocated: the model, the optimizers and the step run on FakeTensorMo
 and torch's MemTracker (torch.distributed._tools.mem_tracker) adds up the bytes of the storages alive after every
 operator. What runs is the real code: Trainer(h, rank=0, world=8) with the default Hyperparameters (record #89's model:
 11 layers, width 768, 6 heads, vocab 50304, 5 value-embedding tables, a bigram hash table of 377,280 rows, the
-NorMuon banks in fp32) and two consecutive train_step calls of the last stage after the
-untie (steps 848 and 849 of the default schedule: a slot of 393,216 / 8 = 49,152 tokens, windows (5, 11), one
-prediction, no prefix loss; the second step also runs Adam, on gradients accumulated over both steps), with
+NorMuon banks in bf16, each rank keeping its matrices' low 16 bits) and two consecutive train_step calls of the
+last stage after the untie (steps 848 and 849 of the default schedule: a slot of 393,216 / 8 = 49,152 tokens,
+windows (5, 11), one prediction, no prefix loss; the second step also runs Adam, on gradients accumulated over both steps), with
 trainer.tied = False as a run resumed there has it, and with the choices Trainer and GPT make on an H100: bf16 model,
 FlexAttention BlockMasks, FP8 head and MLP projections. The step runs eagerly (no torch.compile). To make that
 possible on a CPU build of torch, and nothing else:
@@ -20,7 +20,8 @@ possible on a CPU build of torch, and nothing else:
 - F.rms_norm, which a CPU decomposes into fp32 operators, runs as an autograd function that keeps for backward what
   CUDA's fused kernel keeps (the input and one fp32 number per row);
 - the fused head and loss (SoftcappedHeadLoss) allocates what its compiled kernels allocate (compiled_head_loss);
-- the collectives are replaced by stand-ins that move no data and keep their tensors alive until wait(), as NCCL does.
+- the collectives are replaced by stand-ins that move no data and keep their tensors alive until wait(), as NCCL does;
+  the bigram gradient's all-to-all (SparseRows) receives from each rank as many rows as it sends to it.
 tests/test_compile_memory.py checks the result against a hand count (record_terms): its weights, optimizer state and
 buffers were re-derived for record #89's model (banks, value-embedding table, MUDD weights; NorMuon momentum and second
 moments of ceil(n / 8) matrices a bank) and match exactly; its bounds on the saved activations were re-derived per
@@ -30,6 +31,7 @@ logit at the peak (s in bf16 and the e5m2 gradient).
 import contextlib, dataclasses, os, sys
 from unittest import mock
 
+import numpy as np
 import torch
 
 # modded-nanogpt record #43's published log: peak allocated per GPU (8xH100), of its step of 262,144 tokens
@@ -44,8 +46,8 @@ LEFT_OUT = """left out of the estimate:
   the MUDD mixes, the bigram sign product) and its partitioner keeps fewer tensors for backward, recomputing cheap
   ones: the compiled peak is likely lower, most of all in the DC correction of the last layer, whose eager banded
   form keeps the scores' fp32 softmax (the record runs a Triton kernel)
-- the record's bf16 banks with separately kept mantissas (here: fp32 banks); the FP8 MLP's e4m3 copies of its
-  operands live only inside its projections, as the record's (its backward keeps x and post = relu(x W)^2 only)
+- the FP8 MLP's e4m3 copies of its operands: they live only inside its projections, as the record's (its backward
+  keeps x and post = relu(x W)^2 only)
 - FlexAttention's compiled kernels: their workspace is not modelled (the operator's outputs and gradients are)
 - the FP8 head's kernels: _scaled_mm's internals and the copies inside fp8_mm / fp8_mm_backward (only the operator's
   outputs count: bf16 logits, e4m3 copies of x and W, and in backward grad_x bf16 and grad_w fp32; the gradient's
@@ -82,6 +84,20 @@ class NoCollectives:
     def all_reduce(self, tensor, async_op=False):  # in place: DistAdam's replicated parameters (the gates)
         return Work(tensor) if async_op else None
 
+    def all_to_all_single(self, out, inp, output_split_sizes=None, input_split_sizes=None, async_op=False):
+        return Work(out, inp)  # SparseRows: its counts, row numbers and gradient rows
+
+
+def symmetric_sparse_rows(tg, unset_fake_temporarily):
+    """tg.SparseRows receiving as many rows from each rank as it sends to it (the stand-in collectives move no data,
+    so not the counts either)."""
+    class SymmetricSparseRows(tg.SparseRows):
+        def start(self):
+            super().start()
+            with unset_fake_temporarily():
+                self.recv_counts = torch.tensor(self.send_counts.tolist())
+    return SymmetricSparseRows
+
 
 class FusedRMSNorm(torch.autograd.Function):
     """F.rms_norm as CUDA runs it (aten._fused_rms_norm, one kernel each way): backward keeps the input and one fp32
@@ -104,16 +120,20 @@ class FusedRMSNorm(torch.autograd.Function):
 
 class OneSlotLoader:
     """next_step(batch_size, max_seq_len) of TrainLoader on rank 0 of 8: one slot of batch_size / 8 fake tokens and
-    their bigram rows in [0, bigram_rows), in one buffer as TrainLoader sends them (values do not matter to memory)."""
-    def __init__(self, vocab_size, bigram_rows):
-        self.vocab_size, self.bigram_rows = vocab_size, bigram_rows
+    their bigram rows in [0, n_rows), in one buffer as TrainLoader sends them, and the rows on the host
+    (bigram_rows, for SparseRows): uniformly random, more distinct rows than text hashes to (so at least as many
+    gradient rows exchanged); other values do not matter to memory."""
+    def __init__(self, vocab_size, n_rows):
+        self.vocab_size, self.n_rows, self.rng = vocab_size, n_rows, np.random.default_rng(0)
 
     def next_step(self, batch_size, max_seq_len):
         n = batch_size // 8 + 1
         tokens = torch.randint(0, self.vocab_size, (n,), dtype=torch.int32)
-        if not self.bigram_rows:
+        if not self.n_rows:
+            self.bigram_rows = []
             return [(tokens[:-1], tokens[1:].long(), None)], []
-        buf = torch.stack([tokens, torch.randint(0, self.bigram_rows, (n,), dtype=torch.int32)])
+        self.bigram_rows = [self.rng.integers(0, self.n_rows, n - 1).astype(np.int32)]
+        buf = torch.stack([tokens, torch.randint(0, self.n_rows, (n,), dtype=torch.int32)])
         return [(buf[0, :-1], buf[0, 1:].long(), buf[1, :-1])], []
 
 
@@ -209,6 +229,7 @@ def estimate(h=None):
     patches = [mock.patch.object(tg, "GPT", gpt_on_meta), mock.patch.object(tg, "dist", NoCollectives()),
                mock.patch.object(tg, "norm", FusedRMSNorm.apply),
                mock.patch.object(tg, "SoftcappedHeadLoss", compiled_head_loss(tg)),
+               mock.patch.object(tg, "SparseRows", symmetric_sparse_rows(tg, unset_fake_temporarily)),
                mock.patch.object(flex_module, "_validate_device", lambda *tensors: None),
                mock.patch.object(flex_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)]
     # non-fake inputs: the meta-device model is the input of Trainer's .to(device)

@@ -548,8 +548,9 @@ def test_compiled_flex_training_graph_matches_the_blockwise_twin(flex_backward_o
 def test_fp8_model_with_block_masks_traces_as_one_graph_equal_to_eager(flex_backward_on_cpu):
     """The GPU's configuration, a bf16 model with the FP8 MLP and FlexAttention BlockMasks, under
     torch.compile(fullgraph=True, backend="aot_eager"), against the eager model on the blockwise twin's masks: the
-    loss within 1e-3 and the slot's renewed activation scales within 1e-3 (5e-7 and 0 seen), the gradients within
-    2^-5 (bf16 attention in two forms: 1e-2 seen on the matrices, 7e-3 on all together)."""
+    loss within 1e-3 and the slot's renewed activation scales within 2^-7, two bf16 ulps (the amaxes of bf16
+    activations: 5e-7 seen, and one ulp, 3.4e-3, in one layer with other weights), the gradients within 2^-5 (bf16
+    attention in two forms: 1e-2 seen on the matrices, 7e-3 on all together)."""
     torch.manual_seed(1)
     with mock.patch.object(torch.cuda, "is_available", lambda: True), \
             mock.patch.object(torch.cuda, "get_device_capability", lambda *a: (9, 0)):
@@ -573,7 +574,7 @@ def test_fp8_model_with_block_masks_traces_as_one_graph_equal_to_eager(flex_back
         grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.item(), model.fp8_act_scales.clone(), grads))
     (loss, scales, grads), (f_loss, f_scales, f_grads) = results
-    assert abs(f_loss / loss - 1) < 1e-3 and rel(f_scales, scales) < 1e-3 and not torch.equal(scales[1], scales[0])
+    assert abs(f_loss / loss - 1) < 1e-3 and rel(f_scales, scales) < 2 ** -7 and not torch.equal(scales[1], scales[0])
     for name in ("qk_bank", "vo_bank", "mlp_bank"):
         assert rel(f_grads[name], grads[name]) < 2 ** -5, name
     assert grads.keys() == f_grads.keys()

@@ -559,13 +559,22 @@ def test_resume_across_the_untie_matches_an_uninterrupted_run(staged_run, monkey
         trainer.load_state_dict(saved[step])
         assert trainer.tied == tied, step
 
-def test_world_size_2_matches_world_size_1_across_stages_and_the_untie(staged_run):
-    # two gloo processes via torchrun against the in-process world-size-1 run of the fixture
-    d, common = staged_run[:2]
+def run_on_2_processes(d, flags):  # two gloo processes via torchrun, in d
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on the CI's two cores
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
-                        *common, "--run_id=w2"], cwd=d, capture_output=True, text=True, timeout=HANG_S, env=env)
+                        *flags], cwd=d, capture_output=True, text=True, timeout=HANG_S, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+
+@pytest.fixture(scope="module")
+def world_2_run(staged_run):
+    """The STAGED run on two processes (the bigram gradient's rows exchanged by SparseRows), as logs/w2."""
+    d, common = staged_run[:2]
+    run_on_2_processes(d, [*common, "--checkpoint_every=1", "--run_id=w2"])
+    return d
+
+def test_world_size_2_matches_world_size_1_across_stages_and_the_untie(staged_run, world_2_run):
+    # the two processes against the in-process world-size-1 run of the fixture
+    d, common = staged_run[:2]
     a, b = load_ckpt(d / "logs/full/state_step000006.pt"), load_ckpt(d / "logs/w2/state_step000006.pt")
     # Adam stepped at steps 1, 3 and 5; the embedding, skipped while tied, took the head's count at the untie (3); the
     # VE gates have no gradient at 4 layers (the only VE layer is the last, which MUDD gates): never stepped
@@ -591,7 +600,35 @@ def test_world_size_2_matches_world_size_1_across_stages_and_the_untie(staged_ru
     va, vb = parse_log(d / "logs/full.txt")[2], parse_log(d / "logs/w2.txt")[2]
     assert [step for step, _ in va] == [step for step, _ in vb] == [6] and abs(va[0][1] - vb[0][1]) < 1e-3, (va, vb)
 
-# the FP8 MLP of an H100 faked on a CPU: the model in bf16, its MLP in FP8 whatever the device
+def test_sparse_bigram_rows_train_as_the_dense_reduce_scatter_bit_for_bit(staged_run, world_2_run):
+    # each owner's rows sum its gradient and the other rank's: two addends, one rounding either way, so every
+    # checkpoint (weights, NorMuon and Adam state, the gradients pending after an even step) is equal
+    d, common = world_2_run, staged_run[1]
+    run_on_2_processes(d, [*common, "--checkpoint_every=1", "--run_id=w2_dense", "--sparse_bigram=0"])
+    for step in range(1, 7):
+        sparse, dense = (flat_state(load_ckpt(d / f"logs/{run}/state_step{step:06d}.pt")) for run in ("w2", "w2_dense"))
+        assert sparse.keys() == dense.keys()
+        for k in dense:
+            assert torch.equal(sparse[k], dense[k]), (step, k)
+    assert parse_log(d / "logs/w2.txt")[2] == parse_log(d / "logs/w2_dense.txt")[2]
+
+def test_a_resume_marks_the_pending_bigram_rows_for_the_next_exchange(staged_run):
+    # resumed after an even step, rank 0 holds the pending gradients of all ranks: the rows it must send at the next
+    # Adam step are their nonzero rows (the rows any rank touched), not only those its next micro-batches touch
+    d, common, trainer = staged_run[:3]
+    untie = tg.Schedule(tg.parse_args(common)).untie_step
+    sd = load_ckpt(d / f"logs/full/state_step{untie:06d}.pt")
+    table = trainer.model.bigram_embed.weight
+    pending = sd["adam_pending"][next(i for i, p in enumerate(trainer.adam_params) if p is table)]
+    resumed = tg.Trainer(tg.parse_args(common), 0, 1, torch.device("cpu"))
+    resumed.sparse_rows = tg.SparseRows(resumed.model.bigram_embed.weight, tg.Comm(0, 2))  # rank 0 of 2
+    resumed.load_state_dict(sd)
+    want = pending.ne(0).any(1).numpy()
+    assert np.array_equal(resumed.sparse_rows.touched, want) and 0 < want.sum() < want.size
+
+# the FP8 MLP of an H100 faked on a CPU: the model in bf16 but for the banks (fp32: bf16 banks' gradients, summed in
+# bf16 in another order on 2 processes, move the next step's scales by 1%, as much as the slots' scales differ), its
+# MLP in FP8 whatever the device
 FP8_MLP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
@@ -600,6 +637,8 @@ class FP8GPT(tg.GPT):
     def __init__(self, h, max_len, dtype):
         super().__init__(h, max_len, torch.bfloat16)
         self.fp8_mlp = True
+        for bank in (self.qk_bank, self.vo_bank, self.mlp_bank):
+            bank.data = bank.data.float()
 tg.GPT = FP8GPT
 tg.main(sys.argv[1:])
 """
