@@ -925,8 +925,8 @@ def decay_rate(u, p, wd, mode):
     """NorMuon's weight decay of each entry of p, whose update u gets subtracted: cautious = wd only where u
     already shrinks |p| (u * p >= 0; Adam's strict mask is in adam_update), decoupled = wd everywhere, l2 (its
     wd * p joined the gradient) and none = 0."""
-    if mode == "cautious" and wd != 0:
-        return wd * (u * p >= 0)
+    if mode == "cautious":
+        return wd * (u * p >= 0).float()  # a float mask: a bool one would promote to a 0-d wd's fp64
     return wd if mode == "decoupled" else 0.0
 
 def split_fp32(x):  # fp32 -> its top 16 bits as bf16 (truncated, as the record) and its low 16 bits as int16
@@ -936,14 +936,38 @@ def split_fp32(x):  # fp32 -> its top 16 bits as bf16 (truncated, as the record)
 def join_fp32(hi, lo):  # split_fp32's inverse: the fp32 whose top half is bf16 hi and low half int16 lo
     return ((hi.view(torch.int16).int() << 16) | (lo.int() & 0xFFFF)).view(torch.float32)
 
+def normuon_update(grad, P, lo, mom, v, lr_mul, lr, wd, momentum, beta2: float, red: int, wd_mode: str, ortho):
+    """One NorMuon step of a bank's shard, in one function that Trainer compiles into one graph per bank shape: P
+    this rank's matrices, lo their low 16 bits (None: an fp32 bank); mom, v (fp32) and lo in place; returns the new
+    matrices in the bank's dtype. lr, wd, momentum: 0-d fp64 host tensors, so a new value recompiles nothing."""
+    P = join_fp32(P, lo) if lo is not None else P  # this rank's matrices in fp32
+    grad = grad.float()
+    if wd_mode == "l2":
+        grad = grad + wd * P
+    mom.mul_(momentum).add_((1 - momentum) * grad)
+    U = (1 - momentum) * grad + momentum * mom  # Nesterov
+    O = ortho(U).float()
+    fro = O.norm(dim=(-2, -1), keepdim=True)
+    v.lerp_(O.square().mean(red, keepdim=True), 1 - beta2)
+    O = O * v.clamp_min(1e-10).rsqrt()
+    O = O * (fro / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+    O = O + decay_rate(O, P, wd, wd_mode) * P  # cautious: only where the update already shrinks |p|
+    P = P - lr * lr_mul.view(-1, 1, 1) * O
+    if lo is None:
+        return P
+    P, new_lo = split_fp32(P)
+    lo.copy_(new_lo)
+    return P
+
 class NorMuon:
     """Per bank of matrices [n, rows, cols]: Nesterov momentum -> Polar Express on each matrix -> NorMuon row/column
     normalization -> cautious WD. A bank's matrices are split over the ranks (zero-padded to world * k), each rank
     updates its k. A bf16 bank (the GPU's) is reduced and gathered in bf16, as the record: each rank keeps its own
     matrices' low 16 bits (lo), so its update is applied to the fp32 weights, whose truncation the bank holds."""
-    def __init__(self, banks, comm: Comm, lr, beta2, weight_decay, ortho=polar_express, wd_mode="cautious"):
+    def __init__(self, banks, comm: Comm, lr, beta2, weight_decay, ortho=polar_express, wd_mode="cautious",
+                 update=normuon_update):  # update: normuon_update, or its compiled graphs (Trainer, with --compile)
         self.comm, self.lr, self.beta2, self.weight_decay = comm, lr, beta2, weight_decay  # momentum: given per step
-        self.ortho, self.wd_mode, self.groups = ortho, wd_mode, []
+        self.ortho, self.wd_mode, self.update, self.groups = ortho, wd_mode, update, []
         for p, lr_muls in banks:  # lr_muls: one per matrix; times sqrt(rows / cols) for tall matrices, as the record
             n, rows, cols = p.view(-1, *p.shape[-2:]).shape
             k = -(-n // comm.world)
@@ -975,6 +999,7 @@ class NorMuon:
         lr = self.lr * lr_mult
         wd = self.lr * (lr_mult if wd_mult is None else wd_mult) * self.weight_decay
         world, r = self.comm.world, self.comm.rank
+        scalars = torch.tensor([lr, wd, momentum], dtype=torch.float64).unbind()  # 0-d, host
         gathers = []
         pending, self.pending = self.pending, None
         for g, (grad, work) in zip(self.groups, pending):
@@ -982,22 +1007,8 @@ class NorMuon:
                 work.wait()
             k = g["k"]
             P = self.padded(g["p"].view(g["n"], *g["mom"].shape[1:])[r * k:(r + 1) * k], k)
-            P = join_fp32(P, g["lo"]) if "lo" in g else P  # this rank's matrices in fp32
-            grad = grad.float()
-            if self.wd_mode == "l2":
-                grad = grad + wd * P
-            g["mom"].lerp_(grad, 1 - momentum)
-            U = grad.lerp(g["mom"], momentum)  # Nesterov
-            O = self.ortho(U).float()
-            fro = O.norm(dim=(-2, -1), keepdim=True)
-            g["v"].lerp_(O.square().mean(g["red"], keepdim=True), 1 - self.beta2)
-            O = O * g["v"].clamp_min(1e-10).rsqrt()
-            O = O * (fro / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
-            O = O + decay_rate(O, P, wd, self.wd_mode) * P  # cautious: only where the update already shrinks |p|
-            P = P - lr * g["lr_mul"].view(-1, 1, 1) * O
-            if "lo" in g:
-                P, lo = split_fp32(P)
-                g["lo"].copy_(lo)
+            P = self.update(grad, P, g.get("lo"), g["mom"], g["v"], g["lr_mul"], *scalars, self.beta2, g["red"],
+                            self.wd_mode, ortho=self.ortho)
             new = torch.empty(k * world, *P.shape[1:], dtype=g["p"].dtype, device=P.device)
             gathers.append((g, new, self.comm.all_gather(new, P)))
         for g, new, work in gathers:
@@ -1420,8 +1431,8 @@ class Trainer:
         adam = [(p, *ADAM_PARAMS[name.removesuffix(".weight")]) for name, p in m.named_parameters()
                 if name not in MUON_PARAMS]
         self.adam_params = [p for p, *_ in adam]
-        ortho = torch.compile(polar_express, dynamic=False, fullgraph=True) if h.compile else polar_express
-        self.muon = NorMuon(muon, self.comm, h.lr, h.beta2, h.weight_decay, ortho, h.wd_mode)
+        muon_update = torch.compile(normuon_update, dynamic=False, fullgraph=True) if h.compile else normuon_update
+        self.muon = NorMuon(muon, self.comm, h.lr, h.beta2, h.weight_decay, polar_express, h.wd_mode, muon_update)
         update = torch.compile(adam_update, dynamic=False, fullgraph=True) if h.compile else adam_update
         self.adam = DistAdam(adam, self.comm, h.adam_lr, h.adam_eps, h.adam_weight_decay, h.wd_mode, update)
         table = m.bigram_embed.weight if m.bigram_embed is not None else None

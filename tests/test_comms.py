@@ -8,6 +8,10 @@ import torch
 
 import train_gpt as tg
 from conftest import HANG_S
+from tests.test_cuda_path import VIEWS, OpNames, OutputDtypes
+
+def rel(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-30))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,3 +170,59 @@ def test_bf16_banks_reduce_and_gather_in_bf16_and_match_one_process(ranks):
     # each rank keeps the low halves of its own matrices: rank 0 the first two, rank 1 the third (and a padding one)
     assert torch.equal(ranks[0]["muon"]["lo"], muon.groups[0]["lo"][:2])
     assert torch.equal(ranks[1]["muon"]["lo"][:1], muon.groups[0]["lo"][2:])
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_normuon_update_equals_eager_and_compiles_once_a_bank_shape(dtype):
+    # Inductor's graph of the whole shard update against the eager function, over steps whose lr, decay and
+    # momentum change: one graph per bank shape, the same weights within fp32 reordering (on a bf16 bank the
+    # truncation of fp32 weights a few ulps apart may differ in its last bit). The orthogonalization is the identity
+    # here: Polar Express's bf16 products round differently when Inductor fuses them (1e-2 apart per entry).
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch.manual_seed(4)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(tg.normuon_update, backend=counter, dynamic=False, fullgraph=True)
+    shapes, muls = [(3, 16, 64), (2, 64, 16)], [[1.0, 2.0, 0.5], [1.0, 2.0]]
+    banks = [[torch.nn.Parameter((torch.randn(shape) * 0.1).to(dtype)) for shape in shapes] for _ in range(2)]
+    with torch.no_grad():
+        for a, b in zip(*banks):
+            b.copy_(a)
+    opts = [tg.NorMuon(list(zip(bs, muls)), tg.Comm(0, 1), lr=0.03, beta2=0.95, weight_decay=1.2,
+                       ortho=lambda U: U.float(), update=update)
+            for bs, update in zip(banks, (tg.normuon_update, compiled))]
+    for lr_mult, mu in [(1.0, 0.85), (0.5, 0.9), (0.3, 0.95)]:
+        for a, b in zip(*banks):
+            a.grad = torch.randn(a.shape).to(dtype)
+            b.grad = a.grad.clone()
+        opts[1].step(lr_mult, mu, wd_mult=lr_mult * 2)
+        with OutputDtypes() as seen:
+            opts[0].step(lr_mult, mu, wd_mult=lr_mult * 2)
+        assert torch.float64 not in seen  # the 0-d fp64 host scalars never widen a tensor's arithmetic
+    assert counter.frame_count <= len(shapes) + 1  # a cold cache restarts the first trace once
+    for a, b in zip(*banks):
+        assert rel(b, a) < 1e-5 and not torch.equal(a.detach(), torch.zeros_like(a))
+    for ga, gb in zip(opts[0].groups, opts[1].groups):
+        assert torch.allclose(ga["mom"], gb["mom"], rtol=1e-5, atol=1e-7)
+        assert torch.allclose(ga["v"], gb["v"], rtol=1e-4)
+        if dtype == torch.bfloat16:
+            same = ga["p"].detach().view_as(ga["lo"]) == gb["p"].detach().view_as(gb["lo"])
+            joined = [tg.join_fp32(g["p"].detach().view_as(g["lo"]), g["lo"]) for g in (ga, gb)]
+            assert same.float().mean() > 0.99 and rel(joined[1], joined[0]) < 1e-5
+    torch._dynamo.reset()
+
+def test_normuon_finish_runs_few_eager_operators_outside_its_update_graph():
+    # per bank, outside the (compiled) update: the 0-d scalars, the gather's buffer and the copy back, no arithmetic;
+    # the eager update itself runs over 50 operators a bank on a bf16 bank
+    banks = [(torch.nn.Parameter(torch.randn(shape).bfloat16()), [1.0] * n) for shape, n in
+             [((6, 32, 96), 6), ((4, 96, 96), 4), ((2, 2, 384, 96), 4)]]
+    calls = []
+    def graph(grad, P, *rest, **kw):  # stands for the compiled graph: one call, one output
+        calls.append(P.shape)
+        return P.clone()
+    opt = tg.NorMuon(banks, tg.Comm(0, 1), lr=0.03, beta2=0.95, weight_decay=1.2, update=graph)
+    for p, _ in banks:
+        p.grad = torch.randn(p.shape).bfloat16()
+    opt.launch()
+    with OpNames() as ops:
+        opt.finish(1.0, 0.9)
+    arithmetic = [name for name in ops.names if name not in VIEWS]
+    assert len(calls) == 3 and len(arithmetic) <= 5 * len(banks), arithmetic

@@ -604,10 +604,10 @@ def test_record_schedule_compiles_its_graphs_in_the_warmup_and_never_again(gpt_f
     """The record's schedule (three stages and the extension: 1285 steps, windows (1, 3), (3, 7), (5, 11), (6, 13),
     3, 2, 1, 1 predictions, a prefix loss in stages 1 and 2) on a tiny model with slots 1/64 of the record's, with
     FlexAttention masks as on a GPU: kernel_warmup compiles the 4 training graphs (one per windows, slot length and
-    number of predictions), Polar Express's 3 (one per bank shape) and Adam's 2 (tied and untied); the timed steps
-    that follow, at other MTP and prefix weights, recompile nothing; validation adds one graph per window pair, (1, 3),
-    (3, 7), (5, 11) and the final (6, 20). Dynamo decides reuse from its guards before any backend sees a graph
-    (dynamic=False: no symbolic shapes), so these counts are Inductor's."""
+    number of predictions), NorMuon's 3 (its update with Polar Express, one per bank shape) and Adam's 2 (tied and
+    untied); the timed steps that follow, at other MTP and prefix weights, recompile nothing; validation adds one
+    graph per window pair, (1, 3), (3, 7), (5, 11) and the final (6, 20). Dynamo decides reuse from its guards
+    before any backend sees a graph (dynamic=False: no symbolic shapes), so these counts are Inductor's."""
     h = tg.parse_args(gpt_files + SMALL_VOCAB + ["--num_layers=3", "--model_dim=64", "--num_heads=4",
                                                  "--bigram_vocab_size=1024", "--train_batch_size=2048,4096,6144",
                                                  "--val_seq_len=1024", "--val_tokens=1024"])
@@ -620,14 +620,14 @@ def test_record_schedule_compiles_its_graphs_in_the_warmup_and_never_again(gpt_f
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"))
     trainer.flex = True
     trainer.model.prefix_table.copy_(torch.arange(h.vocab_size) - 1)
-    model_graphs, ortho_graphs = Recorder(), Recorder()
+    model_graphs, muon_graphs = Recorder(), Recorder()
     trainer.fwd = torch.compile(trainer.model, backend=model_graphs, dynamic=False, fullgraph=True)
-    trainer.muon.ortho = torch.compile(tg.polar_express, backend=ortho_graphs, dynamic=False, fullgraph=True)
+    trainer.muon.update = torch.compile(tg.normuon_update, backend=muon_graphs, dynamic=False, fullgraph=True)
     trainer.adam.update = torch.compile(tg.adam_update, backend="eager", dynamic=False, fullgraph=True)
     trainer.kernel_warmup(4, lambda line: None)
     # Adam: one graph for all its parameters while the embedding is tied (skipped), one after the untie, both compiled
     # by the warmup although its 4 steps (the first of each phase: 0, 423, 847, 1270) never run Adam untied
-    assert (model_graphs.frames, ortho_graphs.frames, len(adam_graphs())) == (4, 3, 2)
+    assert (model_graphs.frames, muon_graphs.frames, len(adam_graphs())) == (4, 3, 2)
     val = tg.load_val(h)
     loader = FirstSlotLoader(h, 0, 1, torch.device("cpu"))
     # as main() runs them: each validation at its place in the schedule (the YaRN state is the timed run's)
@@ -636,7 +636,7 @@ def test_record_schedule_compiles_its_graphs_in_the_warmup_and_never_again(gpt_f
             trainer.evaluate(step, val)
         else:
             trainer.train_step(step, loader)
-    assert (model_graphs.frames, ortho_graphs.frames, len(adam_graphs())) == (8, 3, 2)
+    assert (model_graphs.frames, muon_graphs.frames, len(adam_graphs())) == (8, 3, 2)
     torch._dynamo.reset()
 
 
