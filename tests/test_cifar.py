@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import importlib.util
 import io
+import math
 import os
 import pickle
 import re
@@ -209,6 +210,11 @@ def test_lr_schedules_at_boundaries():
     # airbench94: lr * (1 - step / 200), whitening bias lr * (1 - step / 75); no warmup
     np.testing.assert_allclose(factors(0.0, 200, [0, 100, 199]), [1, 0.5, 1 / 200])
     np.testing.assert_allclose(factors(0.0, 75, [0, 74]), [1, 1 / 75])
+    # the 2.015 s recipe: 1 - step * (1 / 243), whitening bias 1 - step * (1 / 7), rounded as it writes them
+    opt = torch.optim.SGD([dict(params=[torch.zeros(1)], lr=0.205, initial_lr=0.205, horizon=243)])
+    for s in (0, 3, 100, 242):
+        tc.set_lrs([opt], s, 0.0, reciprocal=True)
+        assert opt.param_groups[0]["lr"] == 0.205 * (1 - s * (1 / 243))
     # airbench96: 0.2 -> 1 over int(0.1 * 2160) = 216 steps, then (2160 - step) / (2160 - 216)
     np.testing.assert_allclose(factors(0.1, 2160, [0, 108, 216, 2159]), [0.2, 0.6, 1, 1 / 1944])
 
@@ -227,12 +233,184 @@ def test_lookahead_update():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The 2.015 s recipe (hiverge/cifar10-speedrun's cifar10_speedrun.py), piece by piece
+
+def ns_batched_reference(g, steps, progress, abc=(3.4576, -4.7391, 2.0843), norms=(0.5012, 0.0786)):
+    """The recipe's Newton-Schulz of one matrix, on its singular values (fp64): scaled to the target norm
+    0.5012 (1 - progress) + 0.0786 progress over (|G| + 1e-5), then over its norm + 1e-5, then
+    s -> a s + b s^3 + c s^5."""
+    target = norms[0] * (1 - progress) + norms[1] * progress
+    x = g * (target / (np.linalg.norm(g) + 1e-5))
+    x = x / (np.linalg.norm(x) + 1e-5)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    for _ in range(steps):
+        s = abc[0] * s + abc[1] * s ** 3 + abc[2] * s ** 5
+    return u @ np.diag(s) @ vt
+
+
+@pytest.mark.parametrize("shapes", [[(8, 4, 3, 3), (40, 2, 1, 1), (16, 8, 3, 3)],  # a wide stack (40 x 80) with a tall
+                                    [(40, 2, 1, 1), (24, 1, 1, 1)]])  # matrix in it; a tall stack (40 x 16), transposed
+def test_batched_newton_schulz_equals_each_matrix_alone(shapes):
+    torch.manual_seed(0)
+    grads = [torch.randn(shape) for shape in shapes]
+    for progress in (0.0, 0.6):
+        out = tc.newton_schulz_batched(grads, 3, torch.tensor(progress, dtype=torch.float64))
+        for g, o in zip(grads, out):
+            assert o.shape == g.shape and o.dtype == g.dtype
+            ref = ns_batched_reference(g.double().numpy().reshape(len(g), -1), 3, progress).reshape(g.shape)
+            np.testing.assert_allclose(o.double().numpy(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    # other coefficients and target norms, as --ns_coefficients and --ns_target_norm give them (norms so small that
+    # the 1e-5 epsilons count)
+    out = tc.newton_schulz_batched(grads, 2, torch.tensor(0.5, dtype=torch.float64), (2.0, -1.5, 0.5), (1e-3, 1e-4))
+    for g, o in zip(grads, out):
+        ref = ns_batched_reference(g.double().numpy().reshape(len(g), -1), 2, 0.5, (2.0, -1.5, 0.5), (1e-3, 1e-4))
+        np.testing.assert_allclose(o.double().numpy(), ref.reshape(g.shape), rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_muon_with_the_recipes_rescale_schedule_and_decay_against_a_slow_loop():
+    # the first 14 of 60 steps of 3 filters with the recipe's rules: the rescale every 2 + int(15 step / 60) steps
+    # (steps 2, 5, 9 and 14, counted from 1), the decoupled decay after each update
+    torch.manual_seed(1)
+    shapes, lr, mom, wd, total = [(8, 4, 3, 3), (16, 8, 3, 3), (6, 3, 3, 3)], 0.2, 0.655, 0.05, 60
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    opt = tc.Muon(params, lr, mom, 3, tc.newton_schulz_batched, True, total, 2, 15, 1e-7, wd)
+    ref = [p.detach().double().numpy().copy() for p in params]
+    bufs, last, rescaled = [np.zeros(shape) for shape in shapes], 0, []
+    for step in range(1, 15):
+        grads = [torch.randn(shape) for shape in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        rescale = step - last >= 2 + (15 * step) // total
+        if rescale:
+            last = step
+            rescaled.append(step)
+        for i, g in enumerate(grads):
+            bufs[i] = mom * bufs[i] + g.double().numpy()
+            nesterov = g.double().numpy() + mom * bufs[i]
+            if rescale:
+                ref[i] = ref[i] * np.sqrt(len(ref[i])) / (np.linalg.norm(ref[i]) + 1e-7)
+            update = ns_batched_reference(nesterov.reshape(len(g), -1), 3, step / total).reshape(g.shape)
+            ref[i] = (ref[i] - lr * update) * (1 - lr * wd)
+        for p, r in zip(params, ref):
+            np.testing.assert_allclose(p.detach().double().numpy(), r, rtol=0, atol=1e-4 * np.abs(r).max())
+    assert rescaled == [2, 5, 9, 14]
+
+
+def test_epoch_batches_crop_flip_jitter_and_order_against_a_loop():
+    # the stream against the recipe's draws replayed here, image by image: the flip mask, then each epoch the y and
+    # x offsets (rand * 5).long() into the reflect-padded copy, the epoch's flip, the jitter and the permutation; the
+    # last partial batch dropped
+    n, bs = 30, 8
+    images = torch.rand(n, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(3)
+    stream = tc.epoch_batches(images, torch.arange(n), bs, 2, 0, 0.14, 0.13)
+    got = [next(stream) for _ in range(2 * (n // bs))]
+    torch.manual_seed(3)
+    x = tc.normalize(images)
+    flipped = torch.rand(n) < 0.5
+    x = torch.stack([img.flip(-1) if f else img for img, f in zip(x, flipped)])
+    padded = F.pad(x, (2,) * 4, mode="reflect")
+    want = []
+    for epoch in range(2):
+        dy, dx = (torch.rand(n) * 5).long(), (torch.rand(n) * 5).long()
+        assert set(dy.tolist()) <= set(range(5))
+        crops = [padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32] for i in range(n)]
+        crops = [c.flip(-1) if epoch % 2 else c for c in crops]
+        shift, scale = torch.rand(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
+        jittered = [(c + (u * 2 - 1) * 0.14) * ((v * 2 - 1) * 0.13 + 1) for c, u, v in zip(crops, shift, scale)]
+        perm = torch.randperm(n)
+        want += [(torch.stack([jittered[i] for i in perm[k * bs:(k + 1) * bs]]), perm[k * bs:(k + 1) * bs])
+                 for k in range(n // bs)]
+    assert len(got) == len(want) == 6
+    for (gx, gy), (wx, wy) in zip(got, want):
+        assert torch.equal(gy, wy)
+        torch.testing.assert_close(gx, wx, rtol=0, atol=1e-12)
+
+
+def test_jitter_against_its_formula():
+    x = torch.rand(500, 3, 4, 4, dtype=torch.float64)
+    torch.manual_seed(4)
+    out = tc.jitter(x, 0.1399, 0.1308)
+    torch.manual_seed(4)
+    u, v = torch.rand(500, dtype=torch.float64), torch.rand(500, dtype=torch.float64)
+    for image, o, ui, vi in zip(x, out, u, v):
+        shift, scale = (2 * ui - 1) * 0.1399, 1 + (2 * vi - 1) * 0.1308
+        assert abs(shift) <= 0.1399 and abs(scale - 1) <= 0.1308
+        torch.testing.assert_close(o, (image + shift) * scale, rtol=0, atol=1e-15)
+
+
+def test_svd_whitening_equals_the_eigendecomposition_in_descending_order():
+    # the same 12 eigenvectors over sqrt(eigenvalue + eps), each up to its sign (distinct eigenvalues here), the
+    # SVD's by descending eigenvalue; within 1e-4 of the largest entry (fp32 SVD against fp32 eigh)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 3, 9, 9))
+    x = torch.tensor(x + 0.8 * np.roll(x, 1, axis=3) + 0.5 * x[:, :1], dtype=torch.float32)
+    svd, eigh = (tc.whitening_filters(x, 5e-4, svd).view(24, 12) for svd in (True, False))
+    assert torch.equal(svd[12:], -svd[:12])
+    for i in range(12):
+        a, b = svd[i], eigh[11 - i]
+        sign = torch.sign(a @ b)
+        torch.testing.assert_close(a, sign * b, rtol=0, atol=1e-4 * b.abs().max().item())
+    norms = svd[:12].norm(dim=1)
+    assert (norms[1:] >= norms[:-1]).all()  # 1 / sqrt(lambda + eps) grows as lambda falls
+
+
+def six_views(f, v):  # the recipe's TTA of numpy images v: the mean of the image, its two 1 px shifts and mirrors
+    p = np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    views = [v, p[..., :32, :32], p[..., 2:, 2:]]
+    return sum(f(w) + f(w[..., ::-1]) for w in views) / 6
+
+
+def test_selective_tta_changes_only_the_least_confident_rows():
+    torch.manual_seed(0)
+    x = np.random.default_rng(3).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    model = Linear()
+    f = lambda v: v.reshape(len(v), -1) @ model.w.numpy().T
+    v = normalized(x)
+    plain, full = f(v), six_views(f, v)
+    images = torch.tensor(x.transpose(0, 3, 1, 2) / 255.0)
+    np.testing.assert_allclose(tc.predict(model, images, 3, 1.0).numpy(), full, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(tc.predict(model, images, 3, 0.0).numpy(), plain, rtol=1e-9, atol=1e-9)
+    confidence = np.exp(plain - plain.max(1, keepdims=True))
+    confidence = (confidence / confidence.sum(1, keepdims=True)).max(1)
+    unsure = np.argsort(confidence)[:10]  # int(0.25 * 40) least confident
+    want = plain.copy()
+    want[unsure] = full[unsure]
+    np.testing.assert_allclose(tc.predict(model, images, 3, 0.25).numpy(), want, rtol=1e-9, atol=1e-9)
+    assert not np.allclose(plain[unsure], full[unsure])
+
+
+def test_the_recipes_constants():
+    # the defaults: the 2.015 s recipe's numbers (cifar10_speedrun.py at 5cd49b1); --variant=airbench94 those of
+    # airbench94_muon: 200 steps of 2000, whitening bias 75 steps, BatchNorm momentum 0.6 in its convention
+    new, old = tc.parse_args([]), tc.parse_args(["--variant=airbench94"])
+    assert (math.ceil(new.epochs * (50000 // new.batch_size)), math.ceil(new.whiten_bias_epochs * 32)) == (243, 7)
+    assert (new.batch_size, new.label_smoothing, new.momentum, new.bias_lr, new.head_lr) == (1536, 0.09, 0.825, 0.0573,
+                                                                                            0.5415)
+    assert (new.wd_per_example * new.batch_size, new.muon_lr, new.muon_momentum, new.muon_decay) == (1.0418e-6 * 1536,
+                                                                                                    0.205, 0.655, 1)
+    assert (new.bn_momentum, new.activation, new.whiten_images, new.whiten_svd, new.whiten_eps) == (1 - 0.5566, "silu",
+                                                                                                   960, 1, 5e-4)
+    assert (new.brightness, new.contrast, new.tta_level, new.tta_fraction) == (0.1399, 0.1308, 3, 0.25)
+    assert new.translate == 2
+    assert (new.norm_every, new.norm_every_growth, new.norm_eps, new.ns_batched, new.ns_steps) == (2, 15, 1e-7, 1, 3)
+    assert (new.ns_coefficients, new.ns_target_norm, new.fp16_batchnorm, new.warmup) == ((3.4576, -4.7391, 2.0843),
+                                                                                         (0.5012, 0.0786), 1, 0.0)
+    assert (old.epochs * (50000 // old.batch_size), old.whiten_bias_epochs * 25, old.bn_momentum) == (200, 75, 0.4)
+    assert (old.label_smoothing, old.momentum, old.bias_lr, old.head_lr, old.wd_per_example) == (0.2, 0.85, 0.053, 0.67,
+                                                                                                2e-6)
+    assert (old.muon_lr, old.muon_momentum, old.norm_every, old.norm_eps, old.muon_decay) == (0.24, 0.6, 1, 0.0, 0)
+    assert (old.activation, old.whiten_images, old.whiten_svd, old.tta_level, old.brightness) == ("gelu", 5000, 0, 2, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Command line
 
 def test_command_line(capsys):
     cfg = tc.parse_args(["--runs=3", "--epochs", "2.5", "--widths=8,16,32", "--data_dir", "somewhere"])
     assert (cfg.runs, cfg.epochs, cfg.widths, cfg.data_dir, cfg.batch_size, cfg.variant) == (3, 2.5, (8, 16, 32),
-                                                                                            "somewhere", 2000, 94)
+                                                                                            "somewhere", 1536, "94")
     cfg = tc.parse_args(["--batch_size=50", "--variant=96"])  # the variant's values, explicit ones win
     assert (cfg.batch_size, cfg.epochs, cfg.widths, cfg.depth, cfg.cutout, cfg.select) == (50, 45.0, (128, 384, 512),
                                                                                           3, 12, 0.5)
@@ -246,25 +424,30 @@ def test_command_line(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for f in fields(tc.Hyperparameters):  # each field with its default and a meaning of a few words
-        line = re.search(rf"^  --{f.name}=(\S*)(?: \[96: \S+\])?  +(.+)$", text, re.M)
+        line = re.search(rf"^  --{f.name}=(\S*)(?: \[airbench94: \S+\])?(?: \[96: \S+\])?  +(.+)$", text, re.M)
         assert line and line[1] == tc.fmt(f.default) and len(line[2].split()) >= 3, f.name
 
 
 # Out-of-range values, each chosen for what it breaks (torch's own rules, a division by zero, a reflect pad wider than
 # the image) or for being meaningless (a negative count, a fraction above 1); every field but data_dir has one.
 OUT_OF_RANGE = {
-    "variant": ["95"], "runs": ["0"], "seed": [str(2 ** 64)], "compile": ["2"], "epochs": ["0", "nan", "inf"],
-    "batch_size": ["0"], "translate": ["-1", "32"], "cutout": ["-1", "33"], "tta_level": ["3"], "depth": ["4"],
+    "variant": ["95", "airbench96"], "runs": ["0"], "seed": [str(2 ** 64)], "compile": ["2"],
+    "epochs": ["0", "nan", "inf"], "batch_size": ["0"], "translate": ["-1", "32"], "cutout": ["-1", "33"],
+    "tta_level": ["4"], "depth": ["4"],
     "widths": ["0,0,0", "8,16", "8,16,-1"], "bn_momentum": ["-0.1", "1.5"], "logit_scale": ["-1", "nan"],
     "head_unit_std": ["2"], "whiten_images": ["0"], "whiten_eps": ["0"], "whiten_bias_epochs": ["0"],
     "zero_whiten_bias": ["2"], "label_smoothing": ["2", "-0.1"], "momentum": ["0", "1"], "warmup": ["-0.1", "1"],
     "muon_lr": ["-1", "nan"], "muon_momentum": ["1"], "ns_steps": ["-1"], "bias_lr": ["0"], "head_lr": ["-1"],
     "wd_per_example": ["-1e-6"], "lr": ["0"], "weight_decay": ["-1"], "bias_scaler": ["0"], "lookahead_every": ["-1"],
     "lookahead_decay": ["1.5"], "select": ["0", "1.5"], "proxy_widths": ["0,8,8"], "proxy_depth": ["1"],
-    "proxy_every": ["0"], "run_id": ["a/b", "..", "x y"]}
+    "proxy_every": ["0"], "run_id": ["a/b", "..", "x y"], "brightness": ["-0.1"], "contrast": ["nan"],
+    "tta_fraction": ["1.5", "-0.1"], "activation": ["relu"], "fp16_batchnorm": ["2"], "whiten_svd": ["2"],
+    "ns_batched": ["2"], "norm_every": ["0"], "norm_every_growth": ["-1"], "norm_eps": ["-1e-7"],
+    "muon_decay": ["2"], "ns_coefficients": ["1,2", "1,nan,2", "a,b,c"], "ns_target_norm": ["0.5,0", "1"]}
 IN_RANGE = ["--label_smoothing=0", "--label_smoothing=1", "--warmup=0", "--bn_momentum=1", "--lookahead_decay=0",
             "--logit_scale=0", "--ns_steps=0", "--translate=31", "--cutout=32", "--select=1", "--lookahead_every=0",
-            "--wd_per_example=0", "--weight_decay=0", "--seed=0", "--momentum=0.99"]
+            "--wd_per_example=0", "--weight_decay=0", "--seed=0", "--momentum=0.99", "--tta_fraction=0",
+            "--tta_fraction=1", "--brightness=0", "--norm_eps=0", "--norm_every=1", "--activation=gelu"]
 
 
 def test_every_hyperparameter_is_range_checked():
@@ -275,8 +458,8 @@ def test_every_hyperparameter_is_range_checked():
                 tc.parse_args([f"--{name}={value}"])
             assert f"--{name}" in str(e.value) and "\n" not in str(e.value), (name, value, e.value)
     for arg in IN_RANGE:
-        tc.parse_args([arg])
-        tc.parse_args(["--variant=96", arg])
+        for variant in tc.VARIANTS:
+            tc.parse_args([f"--variant={variant}", arg])
 
 
 def cache(folder, edit=None):
@@ -305,6 +488,13 @@ def test_out_of_range_flag_stops_before_any_work(tmp_path, args):
     cache(tmp_path / "D")
     line = one_error_line(run_script(tmp_path, "--data_dir=D", *TINY, *args, "--runs=1", "--epochs=1"))
     assert args[-1].split("=")[0] in line
+    assert not os.path.exists(tmp_path / "logs")
+
+
+def test_a_94_batch_larger_than_the_training_set_is_one_line(tmp_path):
+    cache(tmp_path / "D")  # 1000 training images; the 94 recipe drops each epoch's partial batch
+    line = one_error_line(run_script(tmp_path, "--data_dir=D", *TINY, "--batch_size=1500", "--runs=1", "--epochs=1"))
+    assert "--batch_size=1500" in line and "1000 training images" in line
     assert not os.path.exists(tmp_path / "logs")
 
 
@@ -502,8 +692,10 @@ def train(tmp_path, *args):
         return f.read()
 
 
-def test_end_to_end_94(tmp_path):
-    log = train(tmp_path, "--runs=2", "--epochs=3")  # the logit scale follows the 16-wide head: 1/16, not 1/256
+@pytest.mark.parametrize("variant", ["94", "airbench94"])
+def test_end_to_end_94(tmp_path, variant):
+    # the logit scale follows the 16-wide head: 1/16, not 1/256; 10 steps an epoch, the whitening bias 2 or 30 of them
+    log = train(tmp_path, f"--variant={variant}", "--runs=2", "--epochs=3")
     with open(os.path.join(ROOT, "train_cifar.py")) as f:
         source = f.read()
     assert log.startswith(source.rstrip("\n") + "\n" + "=" * 100 + "\n")
@@ -601,7 +793,7 @@ def test_what_a_96_run_times(tmp_path, monkeypatch):
     for name in ["load_cifar10", "random_crop", "random_cutout", "whitening_filters", "select_hardest"]:
         watch(name)
     watch("normalize", key=len)  # the stand-in's 1000 training images, the first --whiten_images or the 200 test ones
-    watch("evaluate", key=lambda model, images, labels, tta_level: tta_level)
+    watch("evaluate", key=lambda model, images, labels, tta_level, tta_fraction=1.0: tta_level)
     resets = run_main(tmp_path, monkeypatch, "--variant=96", "--epochs=2", "--whiten_images=500")
     assert len(resets) == 2 and calls.pop(("load_cifar10", None)) == [False]
     # 20 steps of 100 examples: 2 epochs of the 1000 images, each cropped and cut out once, all inside the clock
@@ -640,7 +832,7 @@ def test_both_trainers_share_one_command_line():
     for module, cls in [(tg, tg.Hyperparameters), (tc, tc.Hyperparameters)]:
         script = os.path.join(ROOT, f"{module.__name__}.py")
         text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=HANG_S).stdout
-        listed = re.findall(r"^  --(\w+)=\S*(?: \[96: \S+\])?  +(\S.*)$", text, re.M)
+        listed = re.findall(r"^  --(\w+)=\S*(?: \[\w+: \S+\])*  +(\S.*)$", text, re.M)
         assert [name for name, _ in listed] == [f.name for f in fields(cls)], script
         assert all(len(meaning.split()) >= 3 for _, meaning in listed), script
         assert "run_id" in [f.name for f in fields(cls)]

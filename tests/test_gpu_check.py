@@ -14,7 +14,7 @@ from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "gpu_check.sh")
-PARTS = ["train_gpt", "micro", "test_gpu", "cifar_eager", "cifar_compiled"]
+PARTS = ["train_gpt", "micro", "test_gpu", "cifar_eager", "cifar_compiled", "cifar_airbench94"]
 
 # the figures each part must report in a dry run, by what they must parse as
 NUMBERS = {
@@ -27,11 +27,12 @@ NUMBERS = {
                 for what in ("mask_ms", "flex_ms", "flash_ms", "out_err", "dq_err", "dk_err", "dv_err")],
     "test_gpu": [],
     "cifar_eager": ["run_1_s", "run_2_s", "time_mean_s", "time_std_s"],
-    "cifar_compiled": ["run_1_s", "run_2_s", "time_mean_s", "warmup_s", "compile_overhead_s"]}
+    "cifar_compiled": ["run_1_s", "run_2_s", "time_mean_s", "warmup_s", "compile_overhead_s"],
+    "cifar_airbench94": ["run_1_s", "run_2_s", "time_mean_s", "warmup_s", "compile_overhead_s"]}
 INTEGERS = {"train_gpt": ["steps", "stage1_batch_tokens", "stage2_batch_tokens", "graphs_total", "graphs_warmup",
                           "graphs_timed", "graphs_validation", "recompiles", "prefix_table_rows"],
             "micro": [], "test_gpu": ["passed", "failed", "skipped", "errors"], "cifar_eager": ["runs"],
-            "cifar_compiled": ["runs"]}
+            "cifar_compiled": ["runs"], "cifar_airbench94": ["runs"]}
 
 
 def parse_report(text):
@@ -81,7 +82,7 @@ def test_dry_run_reports_every_part_ok_with_its_figures(tmp_path):
                for what in ("out_err", "dq_err", "dk_err", "dv_err"))
     assert float(micro["gemm_fp8_rel_err"]) < 0.15 and float(micro["head_fp8_vs_bf16_loss_rel"]) < 1e-2
     assert parts["test_gpu"][2]["skipped"] != "0" and parts["test_gpu"][2]["failed"] == "0"  # no CUDA: skipped
-    assert re.search(r"^summary: 5 ok, 0 not ok", text, re.M)
+    assert re.search(rf"^summary: {len(PARTS)} ok, 0 not ok", text, re.M)
 
 
 @pytest.mark.parametrize("args, status, words", [
