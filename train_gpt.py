@@ -84,6 +84,9 @@ class Hyperparameters:
     ema_decay: float = 0.0              # weight EMA, evaluated at every validation (ema_val_loss); 0 = off
     ema_warmup: bool = True             # EMA decay min(ema_decay, (1+t)/(10+t)) (TensorFlow/OpenNMT), else ema_decay
     average_last: int = 0               # average of the last K snapshots (one every checkpoint_every): avg_val_loss
+    run_evals: bool = False             # after the clock stops: HellaSwag on the final weights (evals/hellaswag.py)
+    hellaswag_data: str = "data/hellaswag/hellaswag_val.jsonl"  # its items (the official hellaswag_val.jsonl)
+    eval_encoding: str = "gpt2"         # the tiktoken encoding of the data's tokens, for HellaSwag's text
 
 BLOCK = 128  # FlexAttention's block: windows count in blocks of 128 tokens
 MAGIC, VERSION = 20240520, 1
@@ -861,6 +864,8 @@ class GPT(nn.Module):
         saved = (cache[0], cache.get(SHARED_IN), cache["last_in"], ve.get(1, None), cache.get(SKIP_FROM))
         x = x + sum(m * s for m, s in zip(mu, saved) if s is not None)
         x = norm(x)[0]
+        if targets is None:  # evals/sample.py: the final hidden states [T, D], for the head where it needs logits
+            return x
         if mtp is not None:  # training: the head and the loss fused (bf16 logits on a GPU, FP8 where the head is)
             return head_loss(x, self.lm_head, targets, mtp, self.prefix_table[targets], prefix, self.mtp_across_docs,
                              self.bos_id)
@@ -1807,6 +1812,94 @@ def load_checkpoint(h):
                         + flags(changes_math))
     return sd, flags(differ)
 
+def load_for_eval(path, rank=0, world=1, device=torch.device("cpu"), **overrides):
+    """A saved run for the evaluation tools (evals/): (a Trainer with the checkpoint's hyperparameters, overrides
+    replacing some (this machine's data paths), and its weights; the step it was saved at). The rotary state is that
+    step's, replayed as --resume does. Any world size: a checkpoint holds whole weights. One line for a file that is
+    no checkpoint of train_gpt.py or whose weights do not fit its own hyperparameters."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file (a checkpoint is logs/<run_id>/state_step*.pt of a run with "
+                        "--save_checkpoint=1)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a whole checkpoint
+        raise UserError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}): truncated, or not a "
+                        "state_step*.pt saved by train_gpt.py") from None
+    if not isinstance(sd, dict) or not {"model", "step", "hyperparameters"} <= sd.keys():
+        raise UserError(f"{path}: not a checkpoint of train_gpt.py (no model, step and hyperparameters in it; an "
+                        "average_step*.pt has only weights)")
+    known = {f.name for f in dataclasses.fields(Hyperparameters)}
+    h = Hyperparameters(**{**{k: v for k, v in sd["hyperparameters"].items() if k in known}, **overrides})
+    trainer = Trainer(h, rank, world, device)
+    try:
+        trainer.model.load_state_dict(sd["model"])
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"{path}: its weights do not fit the model its hyperparameters describe "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    for s in range(min(sd["step"], h.num_iterations)):
+        trainer.model.rotary.set_window(trainer.schedule.plans[s].windows[1])
+    return trainer, sd["step"]
+
+def tool_args(argv, options, usage):
+    """The evals/ tools' command line: CHECKPOINT and --name=value options ({name: (type, default)}): (the path,
+    {name: value}). -h / --help prints usage; anything else wrong: a UserError of one line."""
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        sys.exit(0)
+    paths = [a for a in argv if not a.startswith("--")]
+    if len(paths) != 1:
+        raise UserError(f"one checkpoint expected, got {len(paths)}; {usage}")
+    opts = {name: default for name, (_, default) in options.items()}
+    for arg in argv:
+        name, eq, value = arg[2:].partition("=")
+        if not arg.startswith("--"):
+            continue
+        if name not in options or not eq:
+            raise UserError(f"unknown option {arg} (--name=value); {usage}")
+        kind = options[name][0]
+        try:
+            opts[name] = kind(value)
+        except ValueError:
+            raise UserError(f"--{name}={value}: not {'an integer' if kind is int else 'a number'}") from None
+    return paths[0], opts
+
+def tool_encoding(name, vocab_size, flag="--encoding"):
+    """The evals' tiktoken encoding, which must fit the model's vocabulary."""
+    try:
+        import tiktoken
+        enc = tiktoken.get_encoding(name)
+    except Exception as e:  # no network, no cache, unknown name: tiktoken raises several types
+        raise UserError(f"{flag}={name}: tiktoken cannot load it ({type(e).__name__}); run once online to cache it, "
+                        "or name a plugin encoding") from None
+    if enc.n_vocab > vocab_size:
+        raise UserError(f"{flag}={name} has {enc.n_vocab} tokens, the model {vocab_size}: not its tokenizer")
+    return enc
+
+def run_tool(main, name):
+    """An evals/ tool's entry: main(sys.argv[1:]); a UserError: one line on rank 0's stderr, exit code 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+def pick_device():  # this process's: cuda:LOCAL_RANK, else the CPU
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+def start_group(device, world):
+    """On 2+ ranks, the process group: NCCL with gloo for host tensors (SparseRows' row counts), as the record, or
+    gloo alone on CPUs."""
+    if world > 1:
+        cuda = device.type == "cuda"
+        dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo", device_id=device if cuda else None)
+
 def save_checkpoint(obj, path):
     """torch.save under a temporary name, renamed when complete: a failed save never leaves a partial file."""
     try:
@@ -1847,16 +1940,15 @@ def main(argv):
     shapes = [(p.batch_size // 8, p.max_seq_len) for p in plans[start:h.num_iterations]]
     check_train_data(h, shapes, loader_state.get("file_idx", 0), loader_state.get("ptr", 0))
     vocab = prefix_vocab(h) if any(p.prefix > 0 for p in plans[start:]) else None  # tiktoken, before the clock
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    if h.run_evals:  # the data and the encoding, checked before training; the evals resolve train_gpt to this module
+        sys.modules.setdefault("train_gpt", sys.modules[__name__])
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "evals"))
+        import hellaswag
+        hellaswag_items = hellaswag.read_items(h.hellaswag_data, "--hellaswag_data")
+        hellaswag_encoding = tool_encoding(h.eval_encoding, h.vocab_size, "--eval_encoding")
+    device = pick_device()
     check_model_fits(h, device)
-    if world > 1:
-        cuda = device.type == "cuda"
-        # CUDA: NCCL, and gloo for host tensors (SparseRows' row counts), as the record
-        dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo", device_id=device if cuda else None)
+    start_group(device, world)
     master = rank == 0
     run_id = h.run_id or str(uuid.uuid4())
     logfile = f"logs/{run_id}.txt"
@@ -1971,6 +2063,8 @@ def main(argv):
     mfu = f"{100 * total_flops / seconds / (peak * world):.1f}%" if peak else "n/a"
     log(f"summary val_loss:{val_loss:.4f} train_time:{clock.ms:.0f}ms tokens_per_s:{tokens_per_s:.0f} mfu:{mfu}"
         + (f" mfu_peak_tflops:{peak / 1e12:.0f}" if peak else ""))
+    if h.run_evals:  # the clock has stopped: the final weights, the final validation's windows
+        log(hellaswag.summary(*hellaswag.evaluate(trainer, h.num_iterations, hellaswag_items, hellaswag_encoding)))
     if world > 1:  # tear the group down together, after rank 0's last file writes
         dist.barrier()
         dist.destroy_process_group()

@@ -1,0 +1,156 @@
+"""Zero-shot HellaSwag validation accuracy of a train_gpt.py checkpoint, on any number of processes.
+
+    python evals/hellaswag.py logs/<run_id>/state_step001285.pt --data=hellaswag_val.jsonl [--encoding=gpt2]
+    torchrun --standalone --nproc_per_node=8 evals/hellaswag.py CHECKPOINT --data=FILE
+
+--data: a local copy of the official hellaswag_val.jsonl (10,042 items; its GitHub home, rowanz/hellaswag, has been
+disabled since September 2026, and this script does not download it yet), one JSON object a line with "ctx",
+"endings" (4 strings) and "label" (0-3, a number or its string). Each item's context followed by each ending (with a leading space,
+as GPT-2 tokenizes a following word) is one document, BOS first, as the training documents are; many documents are
+packed into one sequence of up to --seq_len tokens (default: the run's val_seq_len), never an item split across two,
+so the model's document masks score thousands of endings in one forward, at the windows and rotary state of the
+checkpoint's step (the final validation's for a run's last checkpoint). An ending's score is the sum of its tokens'
+log-likelihoods: acc takes the highest sum, acc_norm the highest mean over its tokens (the token-normalized score of
+the usual GPT-2 tables, e.g. build-nanogpt's: GPT-2 124M 0.2859 and 0.2955). The packs are spread over the ranks.
+Prints one line: `hellaswag acc:... acc_norm:... items:... seconds:...`.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt as tg  # noqa: E402  (the repository root first)
+
+OPTIONS = dict(data=(str, None), encoding=(str, "gpt2"), seq_len=(int, None))
+USAGE = "usage: python evals/hellaswag.py CHECKPOINT --data=hellaswag_val.jsonl [--encoding=gpt2] [--seq_len=N]"
+
+
+def read_items(path, flag="--data"):
+    """[(ctx, [4 endings], label)] of a file in hellaswag_val.jsonl's format; a bad line: one error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise tg.UserError(f"{flag}={path}: cannot be read ({type(e).__name__}: {e})") from None
+    items = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            ctx, endings, label = item["ctx"], item["endings"], int(item["label"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise tg.UserError(f"{flag}={path}:{number}: not a HellaSwag item (a JSON object with ctx, endings and "
+                               f"label; {type(e).__name__})") from None
+        if not (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
+                and all(isinstance(e, str) and e for e in endings) and 0 <= label < 4):
+            raise tg.UserError(f"{flag}={path}:{number}: want a ctx string, 4 non-empty ending strings and a label "
+                               "0-3")
+        items.append((ctx, endings, label))
+    if not items:
+        raise tg.UserError(f"{flag}={path}: no items in it")
+    return items
+
+
+def pack(items, seq_len, bos):
+    """Token packs of whole items: [(tokens int32 [a multiple of 128], [(item index, [4 spans])])]. Document
+    [BOS, *ctx, *ending] at offset o predicts ending token j at position o + len(ctx) + j: its span is
+    (o + len(ctx), o + len(ctx) + len(ending)), and tokens[p + 1] is the target at position p. items: token lists
+    (ctx, [4 endings]). A pack closes before the item that would pass seq_len (an item longer alone gets its own)."""
+    packs, tokens, spans = [], [], []
+    for index, (ctx, endings) in enumerate(items):
+        docs = [[bos, *ctx, *ending] for ending in endings]
+        if tokens and len(tokens) + sum(map(len, docs)) > seq_len:
+            packs.append((tokens, spans))
+            tokens, spans = [], []
+        item_spans = []
+        for doc, ending in zip(docs, endings):
+            start = len(tokens) + len(ctx)
+            item_spans.append((start, start + len(ending)))
+            tokens += doc
+        spans.append((index, item_spans))
+    packs.append((tokens, spans))
+    return [(np.array(t + [0] * (-len(t) % tg.BLOCK), dtype=np.int32), s) for t, s in packs]
+
+
+@torch.no_grad()
+def ending_log_likelihoods(trainer, windows, tokens, spans):
+    """{item index: [(sum of the ending's token log-likelihoods, its token count)] x 4} of one pack, the logits with
+    the validation's softcap arithmetic, --val_head_chunk positions at a time."""
+    h, model, device = trainer.h, trainer.model, trainer.device
+    inputs = torch.from_numpy(tokens).to(device)
+    bigram = torch.from_numpy(tg.bigram_index(tokens, h.bigram_vocab_size)).to(device) if h.bigram_vocab_size else None
+    x = trainer.fwd(inputs, None, bigram, model.layer_masks(inputs, windows, trainer.flex))
+    positions = np.concatenate([np.arange(a, b) for _, item in spans for a, b in item])
+    where, targets = torch.from_numpy(positions).to(device), torch.from_numpy(tokens[positions + 1]).long().to(device)
+    picked = []
+    for i in range(0, len(positions), h.val_head_chunk):
+        logits = model.lm_head(x[where[i:i + h.val_head_chunk]])
+        logits = tg.softcap(logits.float()) if h.val_fp32_softcap else tg.softcap(logits).float()
+        picked.append(F.log_softmax(logits, -1).gather(1, targets[i:i + h.val_head_chunk, None])[:, 0])
+    per_token = torch.cat(picked).double().cpu().numpy()
+    out, at = {}, 0
+    for index, item in spans:
+        out[index] = []
+        for a, b in item:
+            out[index].append((float(per_token[at:at + b - a].sum()), b - a))
+            at += b - a
+    return out
+
+
+def evaluate(trainer, step, items, enc, seq_len=None):
+    """(acc, acc_norm, items, seconds) over items [(ctx, endings, label)]; every rank calls it (collective)."""
+    t0 = time.perf_counter()
+    trainer.model.eval()
+    windows = trainer.set_windows(step)
+    tokenized = [(enc.encode_ordinary(ctx), [enc.encode_ordinary(" " + ending) for ending in endings])
+                 for ctx, endings, _ in items]
+    packs = pack(tokenized, seq_len or trainer.h.val_seq_len, trainer.h.bos_id)
+    correct = torch.zeros(2, dtype=torch.float64, device=trainer.device)
+    for tokens, spans in packs[trainer.rank::trainer.world]:
+        for index, scores in ending_log_likelihoods(trainer, windows, tokens, spans).items():
+            label = items[index][2]
+            correct[0] += int(np.argmax([total for total, _ in scores])) == label
+            correct[1] += int(np.argmax([total / n for total, n in scores])) == label
+    if trainer.world > 1:
+        tg.dist.all_reduce(correct)
+    acc, acc_norm = (correct / len(items)).tolist()
+    return acc, acc_norm, len(items), time.perf_counter() - t0
+
+
+def summary(acc, acc_norm, n, seconds):
+    return f"hellaswag acc:{acc:.4f} acc_norm:{acc_norm:.4f} items:{n} seconds:{seconds:.1f}"
+
+
+def parse(argv):
+    path, opts = tg.tool_args(argv, OPTIONS, USAGE)
+    if opts["data"] is None:
+        raise tg.UserError("--data=FILE is missing: a local copy of the official hellaswag_val.jsonl (this script "
+                           "does not download it yet)")
+    if opts["seq_len"] is not None and opts["seq_len"] < tg.BLOCK:
+        raise tg.UserError(f"--seq_len={opts['seq_len']}: at least one block of {tg.BLOCK} tokens")
+    return path, opts
+
+
+def main(argv):
+    path, opts = parse(argv)
+    items = read_items(opts["data"])  # before any heavy work
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = tg.pick_device()
+    tg.start_group(device, world)
+    trainer, step = tg.load_for_eval(path, rank, world, device)
+    enc = tg.tool_encoding(opts["encoding"], trainer.h.vocab_size)
+    line = summary(*evaluate(trainer, step, items, enc, opts["seq_len"]))
+    if rank == 0:
+        print(line)
+    if world > 1:
+        tg.dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    tg.run_tool(main, "hellaswag.py")
