@@ -5,9 +5,10 @@
 
 --data: a local copy of the official hellaswag_val.jsonl (10,042 items; its GitHub home, rowanz/hellaswag, has been
 disabled since September 2026, and this script does not download it yet), one JSON object a line with "ctx",
-"endings" (4 strings) and "label" (0-3, a number or its string). Each item's context followed by each ending (with a leading space,
-as GPT-2 tokenizes a following word) is one document, BOS first, as the training documents are; many documents are
-packed into one sequence of up to --seq_len tokens (default: the run's val_seq_len), never an item split across two,
+"endings" (4 strings) and "label" (0-3, a number or its string). Each item's context followed by each ending (with a
+leading space, as GPT-2 tokenizes a following word) is one document, BOS first, as the training documents are; many
+documents are packed into one sequence of up to --seq_len tokens (default: the run's validation slab, the longest its
+model takes), never an item split across two,
 so the model's document masks score thousands of endings in one forward, at the windows and rotary state of the
 checkpoint's step (the final validation's for a run's last checkpoint). An ending's score is the sum of its tokens'
 log-likelihoods: acc takes the highest sum, acc_norm the highest mean over its tokens (the token-normalized score of
@@ -61,10 +62,13 @@ def pack(items, seq_len, bos):
     """Token packs of whole items: [(tokens int32 [a multiple of 128], [(item index, [4 spans])])]. Document
     [BOS, *ctx, *ending] at offset o predicts ending token j at position o + len(ctx) + j: its span is
     (o + len(ctx), o + len(ctx) + len(ending)), and tokens[p + 1] is the target at position p. items: token lists
-    (ctx, [4 endings]). A pack closes before the item that would pass seq_len (an item longer alone gets its own)."""
+    (ctx, [4 endings]). A pack closes before the item that would pass seq_len."""
     packs, tokens, spans = [], [], []
     for index, (ctx, endings) in enumerate(items):
         docs = [[bos, *ctx, *ending] for ending in endings]
+        if sum(map(len, docs)) > seq_len:
+            raise tg.UserError(f"HellaSwag item {index} has {sum(map(len, docs))} tokens, more than a pack of "
+                               f"{seq_len}: raise --seq_len")
         if tokens and len(tokens) + sum(map(len, docs)) > seq_len:
             packs.append((tokens, spans))
             tokens, spans = [], []
@@ -104,19 +108,21 @@ def ending_log_likelihoods(trainer, windows, tokens, spans):
 
 
 def evaluate(trainer, step, items, enc, seq_len=None):
-    """(acc, acc_norm, items, seconds) over items [(ctx, endings, label)]; every rank calls it (collective)."""
+    """(acc, acc_norm, items, seconds) over items [(ctx, endings, label)], in packs of seq_len tokens (default: the
+    longest the model takes, the run's validation slab); every rank calls it (collective)."""
     t0 = time.perf_counter()
     trainer.model.eval()
     windows = trainer.set_windows(step)
     tokenized = [(enc.encode_ordinary(ctx), [enc.encode_ordinary(" " + ending) for ending in endings])
                  for ctx, endings, _ in items]
-    packs = pack(tokenized, seq_len or trainer.h.val_seq_len, trainer.h.bos_id)
-    correct = torch.zeros(2, dtype=torch.float64, device=trainer.device)
+    packs = pack(tokenized, seq_len or trainer.model.rotary.max_len, trainer.h.bos_id)
+    right = [0, 0]  # this rank's items right by the summed and by the mean log-likelihood
     for tokens, spans in packs[trainer.rank::trainer.world]:
         for index, scores in ending_log_likelihoods(trainer, windows, tokens, spans).items():
             label = items[index][2]
-            correct[0] += int(np.argmax([total for total, _ in scores])) == label
-            correct[1] += int(np.argmax([total / n for total, n in scores])) == label
+            right[0] += int(np.argmax([total for total, _ in scores])) == label
+            right[1] += int(np.argmax([total / n for total, n in scores])) == label
+    correct = torch.tensor(right, dtype=torch.float64, device=trainer.device)
     if trainer.world > 1:
         tg.dist.all_reduce(correct)
     acc, acc_norm = (correct / len(items)).tolist()
@@ -145,6 +151,9 @@ def main(argv):
     tg.start_group(device, world)
     trainer, step = tg.load_for_eval(path, rank, world, device)
     enc = tg.tool_encoding(opts["encoding"], trainer.h.vocab_size)
+    longest = trainer.model.rotary.max_len  # what the rotary tables cover: a training slot or a validation slab
+    if (opts["seq_len"] or 0) > longest:
+        raise tg.UserError(f"--seq_len={opts['seq_len']}: at most {longest}, the longest sequence its model takes")
     line = summary(*evaluate(trainer, step, items, enc, opts["seq_len"]))
     if rank == 0:
         print(line)

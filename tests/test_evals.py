@@ -18,6 +18,7 @@ from tests.test_gpt import ROOT, TINY, load_ckpt, parse_log, run_cli
 sys.path.insert(0, os.path.join(ROOT, "evals"))
 import hellaswag  # noqa: E402
 import sample  # noqa: E402
+import val_loss  # noqa: E402
 
 VAL_LOSS, SAMPLE, HELLASWAG = (os.path.join(ROOT, "evals", f"{name}.py") for name in ("val_loss", "sample",
                                                                                       "hellaswag"))
@@ -71,6 +72,18 @@ def one_line(r):
     return lines[0]
 
 
+def refusals(module, script, cases, cwd, monkeypatch, env=None):
+    """Each case's UserError in-process, a line holding its words; the first case also as a command: that one line
+    on stderr, exit code 2, nothing on stdout (the tools share tg.run_tool)."""
+    monkeypatch.chdir(cwd)
+    for args, words in cases:
+        with pytest.raises(tg.UserError) as e:
+            module.main(args)
+        assert words in str(e.value) and "\n" not in str(e.value), (args, str(e.value))
+    args, words = cases[0]
+    assert words in one_line(run_tool(script, args, cwd, env=env))
+
+
 # ---------------------------------------------------------------------------------------------- val_loss.py
 
 def test_val_loss_of_a_checkpoint_is_the_runs_on_1_and_2_processes(saved_run):
@@ -85,7 +98,7 @@ def test_val_loss_of_a_checkpoint_is_the_runs_on_1_and_2_processes(saved_run):
     assert logged[3] != logged[7]
 
 
-def test_val_loss_refuses_bad_input_with_one_line(saved_run, tmp_path):
+def test_val_loss_refuses_bad_input_with_one_line(saved_run, tmp_path, monkeypatch):
     d = saved_run[0]
     sd = load_ckpt(d / "logs/run/state_step000007.pt")
     sd["hyperparameters"]["model_dim"] = 128  # weights of width 64
@@ -98,8 +111,7 @@ def test_val_loss_refuses_bad_input_with_one_line(saved_run, tmp_path):
              ([str(tmp_path / "wide.pt")], "its weights do not fit the model"), ([], "one checkpoint expected"),
              ([final, "--val_tokens=5"], "unknown option --val_tokens=5"),
              ([final, "--val_files=nothing_*.bin"], "nothing_*.bin")]
-    for args, words in cases:
-        assert words in one_line(run_tool(VAL_LOSS, args, d)), args
+    refusals(val_loss, VAL_LOSS, cases, d, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------- sample.py
@@ -171,15 +183,14 @@ def test_sample_prints_the_prompt_and_its_continuation(saved_run, final_model, p
     assert r.stdout == "ab cd" + enc.decode(sample.generate(trainer, step, tokens, 8, top_k=1, n_vocab=513)) + "\n"
 
 
-def test_sample_refuses_bad_input_with_one_line(saved_run, plugin_env):
+def test_sample_refuses_bad_input_with_one_line(saved_run, plugin_env, monkeypatch):
     d, final = saved_run[0], "logs/run/state_step000007.pt"
     cases = [([final, "--prompt="], "--prompt is empty or missing"), ([final], "--prompt is empty or missing"),
              (["nope.pt", "--prompt=x"], "nope.pt: no such file"), ([final, "--prompt=x", "--top_p=1"], "--top_p"),
              ([final, "--prompt=x", "--temperature=0"], "--temperature > 0"),
              ([final, "--prompt=x", "--encoding=no_such"], "--encoding=no_such: tiktoken cannot load it"),
              ([final, "--prompt=x", "--max_new_tokens=two"], "--max_new_tokens=two: not an integer")]
-    for args, words in cases:
-        assert words in one_line(run_tool(SAMPLE, args, d, env=plugin_env)), args
+    refusals(sample, SAMPLE, cases, d, monkeypatch, plugin_env)
 
 
 # ---------------------------------------------------------------------------------------------- hellaswag.py
@@ -281,19 +292,25 @@ def test_hellaswag_on_1_and_2_processes_and_after_training(saved_run, plugin_env
     assert found[0] == found[1] == found[2] == re.fullmatch(line, body[-1])[1]
 
 
-def test_hellaswag_refuses_bad_data_with_one_line(saved_run, plugin_env, tmp_path):
+def test_hellaswag_refuses_bad_data_with_one_line(saved_run, plugin_env, tmp_path, monkeypatch):
     d, final = saved_run[0], "logs/run/state_step000007.pt"
     good = json.dumps(dict(ctx="a b", endings=["c", "d", "e", "f"], label="1"))
     bad = {"json": "{not json", "three": json.dumps(dict(ctx="a", endings=["b", "c", "d"], label=0)),
            "label": json.dumps(dict(ctx="a", endings=["b", "c", "d", "e"], label=4)),
            "keys": json.dumps(dict(context="a", endings=["b", "c", "d", "e"], label=0))}
+    cases = []
     for name, line in bad.items():
         (tmp_path / f"{name}.jsonl").write_text(good + "\n" + line + "\n")
-        error = one_line(run_tool(HELLASWAG, [final, f"--data={tmp_path / name}.jsonl", "--encoding=evals_tiny"], d,
-                                  env=plugin_env))
-        assert f"{tmp_path / name}.jsonl:2:" in error, (name, error)
-    assert "--data=FILE is missing" in one_line(run_tool(HELLASWAG, [final], d, env=plugin_env))
-    assert "cannot be read" in one_line(run_tool(HELLASWAG, [final, "--data=nope.jsonl"], d, env=plugin_env))
+        cases.append(([final, f"--data={tmp_path / name}.jsonl"], f"{tmp_path / name}.jsonl:2:"))
+    cases += [([final], "--data=FILE is missing"), ([final, "--data=nope.jsonl"], "nope.jsonl: cannot be read"),
+              ([final, "--data=x", "--seq_len=64"], "--seq_len=64: at least one block")]
+    refusals(hellaswag, HELLASWAG, cases, d, monkeypatch, plugin_env)
+    # past the data, with the plugin encoding (in a process of its own: tiktoken finds plugins once)
+    tool = [final, "--data=hellaswag.jsonl", "--encoding=evals_tiny"]  # the run's 30 items; its model takes 1024
+    assert "--seq_len=2048: at most 1024" in one_line(run_tool(HELLASWAG, tool + ["--seq_len=2048"], d,
+                                                               env=plugin_env))
+    assert "more than a pack of 128: raise --seq_len" in one_line(run_tool(HELLASWAG, tool + ["--seq_len=128"], d,
+                                                                           env=plugin_env))
 
 
 def test_run_evals_checks_its_data_before_training(gpt_files, plugin_env, tmp_path):
