@@ -272,10 +272,15 @@ def normalize(x):
     return (x - x.new_tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / x.new_tensor(CIFAR_STD).view(1, 3, 1, 1)
 
 
-def random_crop(padded, r):
-    """Each image's size x size window at a random shift in [-r, r]^2 (25 shifts for r = 2) of its padded copy."""
+def random_crop(padded, r, scaled_rand=False):
+    """Each image's size x size window at a random shift in [-r, r]^2 (25 shifts for r = 2) of its padded copy; the
+    offsets by randint (airbench), or scaled_rand as the 2.015 s recipe draws them: (rand * (2r + 1)).long(), y then
+    x."""
     n, size = len(padded), padded.size(-1) - 2 * r
-    dy, dx = torch.randint(0, 2 * r + 1, (2, n), device=padded.device)
+    if scaled_rand:
+        dy, dx = ((torch.rand(n, device=padded.device) * (2 * r + 1)).long() for _ in range(2))
+    else:
+        dy, dx = torch.randint(0, 2 * r + 1, (2, n), device=padded.device)
     windows = padded.unfold(2, size, 1).unfold(3, size, 1)  # N x C x (2r+1) x (2r+1) x size x size, a view
     return windows[torch.arange(n, device=padded.device), :, dy, dx]
 
@@ -295,20 +300,27 @@ def jitter(x, brightness, contrast):
     return (x + shift) * scale
 
 
-def train_batches(images, labels, batch_size, translate, cutout, brightness=0.0, contrast=0.0):
-    """Endless stream of (inputs, labels): each epoch shows every image once; batches may span epochs.
-    Alternating flip: a random half starts mirrored, and every image flips orientation each epoch."""
+def train_batches(images, labels, batch_size, translate, cutout, brightness=0.0, contrast=0.0, drop_last=False):
+    """Endless stream of (inputs, labels): each epoch shows every image once; batches may span epochs, or with
+    drop_last (the 2.015 s recipe's stream, its crop offsets drawn as it draws them) each epoch gives its
+    n // batch_size whole batches only. Alternating flip: a random half starts mirrored, and every image flips
+    orientation each epoch; then crop, cutout and jitter, in normalized space, vectorized."""
     x = normalize(images)
     x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
     if translate:
         x = F.pad(x, (translate,) * 4, mode="reflect")
     parts, have = [], 0
     for epoch in itertools.count():
-        xe = random_crop(x, translate) if translate else x
+        xe = random_crop(x, translate, drop_last) if translate else x
         xe = xe.flip(-1) if epoch % 2 else xe
         xe = random_cutout(xe, cutout) if cutout else xe
         xe = jitter(xe, brightness, contrast) if brightness or contrast else xe
         perm, pos = torch.randperm(len(xe), device=xe.device), 0
+        if drop_last:
+            for i in range(len(perm) // batch_size):
+                idx = perm[i * batch_size:(i + 1) * batch_size]
+                yield xe[idx], labels[idx]
+            continue
         while pos < len(perm):
             idx = perm[pos:pos + batch_size - have]
             parts.append((xe[idx], labels[idx]))
@@ -316,29 +328,6 @@ def train_batches(images, labels, batch_size, translate, cutout, brightness=0.0,
             if have == batch_size:
                 yield parts[0] if len(parts) == 1 else tuple(map(torch.cat, zip(*parts)))
                 parts, have = [], 0
-
-
-def epoch_batches(images, labels, batch_size, translate, cutout, brightness, contrast):
-    """The 2.015 s recipe's stream: each epoch's n // batch_size batches (the last partial one dropped), from the
-    images flipped as train_batches does, each epoch cropped at offsets (rand * (2 translate + 1)).long() (y, then x)
-    of the reflect-padded copy, then (cutout, and) jittered, in normalized space; vectorized, no loop over offsets."""
-    x = normalize(images)
-    x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
-    padded = F.pad(x, (translate,) * 4, mode="reflect") if translate else x
-    n, size = len(x), x.size(-1)
-    for epoch in itertools.count():
-        xe = x
-        if translate:
-            dy, dx = ((torch.rand(n, device=x.device) * (2 * translate + 1)).long() for _ in range(2))
-            windows = padded.unfold(2, size, 1).unfold(3, size, 1)  # N x C x (2r+1) x (2r+1) x size x size, a view
-            xe = windows[torch.arange(n, device=x.device), :, dy, dx]
-        xe = xe.flip(-1) if epoch % 2 else xe
-        xe = random_cutout(xe, cutout) if cutout else xe
-        xe = jitter(xe, brightness, contrast) if brightness or contrast else xe
-        perm = torch.randperm(n, device=x.device)
-        for i in range(n // batch_size):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            yield xe[idx], labels[idx]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -638,12 +627,8 @@ def train_run(cfg, model, proxy, data, run, log, orthogonalize=None, progress=Fa
     if proxy is not None:
         proxy.reset()
         proxy_optimizers = make_optimizers(cfg, proxy, "96", total_steps, 0, orthogonalize)
-    if cfg.variant == "94":
-        batches = epoch_batches(train_x, train_y, cfg.batch_size, cfg.translate, cfg.cutout, cfg.brightness,
-                                cfg.contrast)
-    else:
-        batches = train_batches(train_x, train_y, cfg.batch_size, cfg.translate, cfg.cutout, cfg.brightness,
-                                cfg.contrast)
+    batches = train_batches(train_x, train_y, cfg.batch_size, cfg.translate, cfg.cutout, cfg.brightness,
+                            cfg.contrast, drop_last=cfg.variant == "94")
     timer = Timer(train_x.device)
 
     timer.start()

@@ -871,10 +871,13 @@ class GPT(nn.Module):
                              self.bos_id)
         loss = x.new_zeros((), dtype=torch.float32)
         for i in range(0, x.size(0), head_chunk):  # a chunk at a time; the cross-entropy in fp32
-            logits = self.lm_head(x[i:i + head_chunk])
-            logits = softcap(logits.float()) if self.val_fp32_softcap else softcap(logits).float()
-            loss = loss + F.cross_entropy(logits, targets[i:i + head_chunk], reduction="sum")
+            loss = loss + F.cross_entropy(self.eval_logits(x[i:i + head_chunk]), targets[i:i + head_chunk],
+                                          reduction="sum")
         return loss
+
+    def eval_logits(self, x):  # fp32 softcapped logits of hidden states, as evaluation caps them
+        logits = self.lm_head(x)
+        return softcap(logits.float()) if self.val_fp32_softcap else softcap(logits).float()
 
     def layer_masks(self, inputs, windows, flex):
         """Each layer's attention mask (None: no attention) for the (short, long) windows; paired layers get the
@@ -1461,6 +1464,18 @@ class Trainer:
             self.model.rotary.set_window(long)  # no YaRN for the final validation window
         return short, long
 
+    def replay_windows(self, steps):  # the rotary state (YaRN) after training steps 0 .. steps - 1, as resumed
+        for s in range(steps):
+            self.model.rotary.set_window(self.schedule.plans[s].windows[1])
+
+    def hidden(self, tokens, windows):
+        """The final hidden states [T, D] of host tokens (int32, whole blocks) under windows, as evaluated: the
+        evals' logits come from them (GPT.eval_logits)."""
+        inputs = torch.from_numpy(tokens).to(self.device)
+        rows = self.h.bigram_vocab_size
+        bigram = torch.from_numpy(bigram_index(tokens, rows)).to(self.device) if rows else None
+        return self.fwd(inputs, None, bigram, self.model.layer_masks(inputs, windows, self.flex))
+
     def train_step(self, step, loader):
         """One optimizer step. Returns its (short, long) windows and piece lengths (for FLOP counting)."""
         self.model.train()
@@ -1784,17 +1799,22 @@ RESUME_FREE = ("val_files", "val_tokens", "val_seq_len", "val_head_chunk", "val_
                "kernel_warmup_steps", "compile", "seed", "save_checkpoint", "checkpoint_every", "ema_decay",
                "ema_warmup", "average_last", "repeat_data")
 
-def load_checkpoint(h):
-    """--resume: the saved state and the logged differences, after checking it against this run's hyperparameters."""
+def read_checkpoint(path, what, keys):
+    """The state saved in path (what: how the message names it), a dict holding keys; else one line."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sd = torch.load(h.resume, map_location="cpu", weights_only=True)
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a file that is not a whole checkpoint
-        raise UserError(f"--resume={h.resume}: cannot be read as a checkpoint ({type(e).__name__}): truncated, or not "
-                        "a state_step*.pt saved by train_gpt.py") from None
-    if not isinstance(sd, dict) or not {"model", "muon", "adam", "step", "hyperparameters"} <= sd.keys():
-        raise UserError(f"--resume={h.resume}: not a checkpoint of train_gpt.py (no model and optimizer state in it)")
+        raise UserError(f"{what}: cannot be read as a checkpoint ({type(e).__name__}): truncated, or not a "
+                        "state_step*.pt saved by train_gpt.py") from None
+    if not isinstance(sd, dict) or not set(keys) <= sd.keys():
+        raise UserError(f"{what}: not a checkpoint of train_gpt.py (no {', '.join(keys)} in it)")
+    return sd
+
+def load_checkpoint(h):
+    """--resume: the saved state and the logged differences, after checking it against this run's hyperparameters."""
+    sd = read_checkpoint(h.resume, f"--resume={h.resume}", ("model", "muon", "adam", "step", "hyperparameters"))
     if "tied" not in sd or not isinstance(sd.get("adam_t"), list):  # before the tied head; one Adam step count
         raise UserError(f"--resume={h.resume}: saved by an older version of train_gpt.py, whose state this version "
                         "does not read: resume it with the version that saved it")
@@ -1820,16 +1840,7 @@ def load_for_eval(path, rank=0, world=1, device=torch.device("cpu"), **overrides
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file (a checkpoint is logs/<run_id>/state_step*.pt of a run with "
                         "--save_checkpoint=1)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a file that is not a whole checkpoint
-        raise UserError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}): truncated, or not a "
-                        "state_step*.pt saved by train_gpt.py") from None
-    if not isinstance(sd, dict) or not {"model", "step", "hyperparameters"} <= sd.keys():
-        raise UserError(f"{path}: not a checkpoint of train_gpt.py (no model, step and hyperparameters in it; an "
-                        "average_step*.pt has only weights)")
+    sd = read_checkpoint(path, path, ("model", "step", "hyperparameters"))  # an average_step*.pt has weights only
     known = {f.name for f in dataclasses.fields(Hyperparameters)}
     h = Hyperparameters(**{**{k: v for k, v in sd["hyperparameters"].items() if k in known}, **overrides})
     trainer = Trainer(h, rank, world, device)
@@ -1838,8 +1849,7 @@ def load_for_eval(path, rank=0, world=1, device=torch.device("cpu"), **overrides
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path}: its weights do not fit the model its hyperparameters describe "
                         f"({str(e).splitlines()[0][:200]})") from None
-    for s in range(min(sd["step"], h.num_iterations)):
-        trainer.model.rotary.set_window(trainer.schedule.plans[s].windows[1])
+    trainer.replay_windows(min(sd["step"], h.num_iterations))
     return trainer, sd["step"]
 
 def tool_args(argv, options, usage):
@@ -1981,8 +1991,7 @@ def main(argv):
         except (RuntimeError, KeyError, IndexError, ValueError) as e:
             raise UserError(f"--resume={h.resume}: its state does not fit this script's model or optimizer "
                             f"({str(e).splitlines()[0][:200]})") from None
-        for s in range(start):
-            trainer.model.rotary.set_window(plans[s].windows[1])
+        trainer.replay_windows(start)
         log(f"resumed from {h.resume} at step {start}"
             + (f"; changed since it was saved: {resume_changes}" if resume_changes else ""))
     del sd

@@ -86,17 +86,14 @@ def pack(items, seq_len, bos):
 def ending_log_likelihoods(trainer, windows, tokens, spans):
     """{item index: [(sum of the ending's token log-likelihoods, its token count)] x 4} of one pack, the logits with
     the validation's softcap arithmetic, --val_head_chunk positions at a time."""
-    h, model, device = trainer.h, trainer.model, trainer.device
-    inputs = torch.from_numpy(tokens).to(device)
-    bigram = torch.from_numpy(tg.bigram_index(tokens, h.bigram_vocab_size)).to(device) if h.bigram_vocab_size else None
-    x = trainer.fwd(inputs, None, bigram, model.layer_masks(inputs, windows, trainer.flex))
+    chunk, device = trainer.h.val_head_chunk, trainer.device
+    x = trainer.hidden(tokens, windows)
     positions = np.concatenate([np.arange(a, b) for _, item in spans for a, b in item])
     where, targets = torch.from_numpy(positions).to(device), torch.from_numpy(tokens[positions + 1]).long().to(device)
     picked = []
-    for i in range(0, len(positions), h.val_head_chunk):
-        logits = model.lm_head(x[where[i:i + h.val_head_chunk]])
-        logits = tg.softcap(logits.float()) if h.val_fp32_softcap else tg.softcap(logits).float()
-        picked.append(F.log_softmax(logits, -1).gather(1, targets[i:i + h.val_head_chunk, None])[:, 0])
+    for i in range(0, len(positions), chunk):
+        logits = trainer.model.eval_logits(x[where[i:i + chunk]])
+        picked.append(F.log_softmax(logits, -1).gather(1, targets[i:i + chunk, None])[:, 0])
     per_token = torch.cat(picked).double().cpu().numpy()
     out, at = {}, 0
     for index, item in spans:

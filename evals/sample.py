@@ -40,14 +40,8 @@ def parse(argv):
 @torch.no_grad()
 def next_logits(trainer, tokens, windows):
     """The fp32 softcapped logits of the token after `tokens`, as the validation computes them."""
-    n, h, model = len(tokens), trainer.h, trainer.model
     padded = np.array(tokens + [0] * (-len(tokens) % tg.BLOCK), dtype=np.int32)
-    inputs = torch.from_numpy(padded).to(trainer.device)
-    rows = h.bigram_vocab_size
-    bigram = torch.from_numpy(tg.bigram_index(padded, rows)).to(trainer.device) if rows else None
-    x = trainer.fwd(inputs, None, bigram, model.layer_masks(inputs, windows, trainer.flex))
-    logits = model.lm_head(x[n - 1:n])[0]
-    return tg.softcap(logits.float()) if h.val_fp32_softcap else tg.softcap(logits).float()
+    return trainer.model.eval_logits(trainer.hidden(padded, windows)[len(tokens) - 1:len(tokens)])[0]
 
 
 def generate(trainer, step, tokens, max_new_tokens, temperature=1.0, top_k=0, seed=0, n_vocab=None):

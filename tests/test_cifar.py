@@ -297,14 +297,14 @@ def test_muon_with_the_recipes_rescale_schedule_and_decay_against_a_slow_loop():
     assert rescaled == [2, 5, 9, 14]
 
 
-def test_epoch_batches_crop_flip_jitter_and_order_against_a_loop():
+def test_drop_last_stream_crop_flip_jitter_and_order_against_a_loop():
     # the stream against the recipe's draws replayed here, image by image: the flip mask, then each epoch the y and
     # x offsets (rand * 5).long() into the reflect-padded copy, the epoch's flip, the jitter and the permutation; the
     # last partial batch dropped
     n, bs = 30, 8
     images = torch.rand(n, 3, 32, 32, dtype=torch.float64)
     torch.manual_seed(3)
-    stream = tc.epoch_batches(images, torch.arange(n), bs, 2, 0, 0.14, 0.13)
+    stream = tc.train_batches(images, torch.arange(n), bs, 2, 0, 0.14, 0.13, drop_last=True)
     got = [next(stream) for _ in range(2 * (n // bs))]
     torch.manual_seed(3)
     x = tc.normalize(images)
