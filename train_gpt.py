@@ -85,7 +85,7 @@ class Hyperparameters:
     ema_warmup: bool = True             # EMA decay min(ema_decay, (1+t)/(10+t)) (TensorFlow/OpenNMT), else ema_decay
     average_last: int = 0               # average of the last K snapshots (one every checkpoint_every): avg_val_loss
     run_evals: bool = False             # after the clock stops: HellaSwag on the final weights (evals/hellaswag.py)
-    hellaswag_data: str = "data/hellaswag/hellaswag_val.jsonl"  # its items (the official hellaswag_val.jsonl)
+    hellaswag_data: str = ""            # its items: a hellaswag_val.jsonl; "": data/hellaswag/'s, from the Hub first
     eval_encoding: str = "gpt2"         # the tiktoken encoding of the data's tokens, for HellaSwag's text
 
 BLOCK = 128  # FlexAttention's block: windows count in blocks of 128 tokens
@@ -1954,7 +1954,7 @@ def main(argv):
         sys.modules.setdefault("train_gpt", sys.modules[__name__])
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "evals"))
         import hellaswag
-        hellaswag_items = hellaswag.read_items(h.hellaswag_data, "--hellaswag_data")
+        hellaswag_items = hellaswag.load_items(h.hellaswag_data or None, "--hellaswag_data")
         hellaswag_encoding = tool_encoding(h.eval_encoding, h.vocab_size, "--eval_encoding")
     device = pick_device()
     check_model_fits(h, device)

@@ -1,21 +1,21 @@
 """Zero-shot HellaSwag validation accuracy of a train_gpt.py checkpoint, on any number of processes.
 
-    python evals/hellaswag.py logs/<run_id>/state_step001285.pt --data=hellaswag_val.jsonl [--encoding=gpt2]
-    torchrun --standalone --nproc_per_node=8 evals/hellaswag.py CHECKPOINT --data=FILE
+    python evals/hellaswag.py logs/<run_id>/state_step001285.pt [--data=hellaswag_val.jsonl] [--encoding=gpt2]
+    torchrun --standalone --nproc_per_node=8 evals/hellaswag.py CHECKPOINT
 
---data: a local copy of the official hellaswag_val.jsonl (10,042 items; its GitHub home, rowanz/hellaswag, has been
-disabled since September 2026, and this script does not download it yet), one JSON object a line with "ctx",
-"endings" (4 strings) and "label" (0-3, a number or its string). Each item's context followed by each ending (with a
-leading space, as GPT-2 tokenizes a following word) is one document, BOS first, as the training documents are; many
-documents are packed into one sequence of up to --seq_len tokens (default: the run's validation slab, the longest its
-model takes), never an item split across two,
-so the model's document masks score thousands of endings in one forward, at the windows and rotary state of the
-checkpoint's step (the final validation's for a run's last checkpoint). An ending's score is the sum of its tokens'
-log-likelihoods: acc takes the highest sum, acc_norm the highest mean over its tokens (the token-normalized score of
-the usual GPT-2 tables, e.g. build-nanogpt's: GPT-2 124M 0.2859 and 0.2955). The packs are spread over the ranks.
+The 10,042 validation items: by default the Hub's copy in data/hellaswag/hellaswag_val.jsonl, downloaded and checked
+first by data/hellaswag.py if it is not there (GitHub has disabled the official file's home, rowanz/hellaswag, since
+September 2026); --data: a local file in the official hellaswag_val.jsonl format instead, any number of items, one
+JSON object a line with "ctx", "endings" (4 strings) and "label" (0-3, a number or its string). Each item's context
+followed by each ending (with a leading space, as GPT-2 tokenizes a following word) is one document, BOS first, as the
+training documents are; many documents are packed into one sequence of up to --seq_len tokens (default: the run's
+validation slab, the longest its model takes), never an item split across two, so the model's document masks score
+thousands of endings in one forward, at the windows and rotary state of the checkpoint's step (the final validation's
+for a run's last checkpoint). An ending's score is the sum of its tokens' log-likelihoods: acc takes the highest sum,
+acc_norm the highest mean over its tokens (the token-normalized score of the usual GPT-2 tables, e.g.
+build-nanogpt's: GPT-2 124M 0.2859 and 0.2955). The packs are spread over the ranks.
 Prints one line: `hellaswag acc:... acc_norm:... items:... seconds:...`.
 """
-import json
 import os
 import sys
 import time
@@ -26,36 +26,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402  (the repository root first)
+from data import hellaswag as hellaswag_data  # noqa: E402
 
 OPTIONS = dict(data=(str, None), encoding=(str, "gpt2"), seq_len=(int, None))
-USAGE = "usage: python evals/hellaswag.py CHECKPOINT --data=hellaswag_val.jsonl [--encoding=gpt2] [--seq_len=N]"
+USAGE = "usage: python evals/hellaswag.py CHECKPOINT [--data=hellaswag_val.jsonl] [--encoding=gpt2] [--seq_len=N]"
 
 
-def read_items(path, flag="--data"):
-    """[(ctx, [4 endings], label)] of a file in hellaswag_val.jsonl's format; a bad line: one error naming it."""
+def load_items(path, flag="--data"):
+    """[(ctx, [4 endings], label)] of `path`, or of the Hub's copy (data/hellaswag/, fetched first) when path is None;
+    a bad or missing file: a UserError of one line."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise tg.UserError(f"{flag}={path}: cannot be read ({type(e).__name__}: {e})") from None
-    items = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            ctx, endings, label = item["ctx"], item["endings"], int(item["label"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise tg.UserError(f"{flag}={path}:{number}: not a HellaSwag item (a JSON object with ctx, endings and "
-                               f"label; {type(e).__name__})") from None
-        if not (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
-                and all(isinstance(e, str) and e for e in endings) and 0 <= label < 4):
-            raise tg.UserError(f"{flag}={path}:{number}: want a ctx string, 4 non-empty ending strings and a label "
-                               "0-3")
-        items.append((ctx, endings, label))
-    if not items:
-        raise tg.UserError(f"{flag}={path}: no items in it")
-    return items
+        return hellaswag_data.read_items(path, flag) if path else hellaswag_data.read_items(hellaswag_data.fetch())
+    except hellaswag_data.DataError as e:
+        raise tg.UserError(str(e)) from None
 
 
 def pack(items, seq_len, bos):
@@ -132,9 +115,6 @@ def summary(acc, acc_norm, n, seconds):
 
 def parse(argv):
     path, opts = tg.tool_args(argv, OPTIONS, USAGE)
-    if opts["data"] is None:
-        raise tg.UserError("--data=FILE is missing: a local copy of the official hellaswag_val.jsonl (this script "
-                           "does not download it yet)")
     if opts["seq_len"] is not None and opts["seq_len"] < tg.BLOCK:
         raise tg.UserError(f"--seq_len={opts['seq_len']}: at least one block of {tg.BLOCK} tokens")
     return path, opts
@@ -142,7 +122,7 @@ def parse(argv):
 
 def main(argv):
     path, opts = parse(argv)
-    items = read_items(opts["data"])  # before any heavy work
+    items = load_items(opts["data"])  # before any heavy work
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = tg.pick_device()
     tg.start_group(device, world)

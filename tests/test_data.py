@@ -38,12 +38,13 @@ def one_error_line(result):
     return lines[0]
 
 class LoopbackHub:
-    """Serves the Hub's file protocol on 127.0.0.1: HEAD/GET /datasets/{repo}/resolve/{revision}/{file},
+    """Serves the Hub's file protocol on 127.0.0.1: HEAD/GET /datasets/{repo}/resolve/{revision}/{file path},
     with the headers hf_hub_download reads (X-Repo-Commit, ETag, Content-Length, X-Error-Code on 404).
-    Records every request; shuts itself down after 120 s at the latest."""
+    `cut[file] = n`: the next GET of that file sends n bytes of its body and closes, and every request after it gets
+    503 until `down` is False again. Records every request; shuts itself down after 120 s at the latest."""
 
     def __init__(self, repos):
-        self.repos, self.requests = repos, []
+        self.repos, self.requests, self.cut, self.down = repos, [], {}, False
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,11 +64,17 @@ class LoopbackHub:
 
     def reply(self, h, body):
         self.requests.append((h.command, h.path, h.headers.get("Authorization")))
-        m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/([^/?]+)", h.path)
+        m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/([^?]+)", h.path)
         files = self.repos.get(m.group(1)) if m else None
         data = files.get(m.group(3)) if files is not None else None
+        if self.down:
+            h.send_response(503)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         h.send_response(200 if data is not None else 404)
-        h.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+        pinned = re.fullmatch(r"[0-9a-f]{40}", m.group(2)) if m else None  # a commit asked for is the one served
+        h.send_header("X-Repo-Commit", m.group(2) if pinned else "0123456789abcdef0123456789abcdef01234567")
         if data is None:
             h.send_header("X-Error-Code", "EntryNotFound" if files is not None else "RepoNotFound")
             h.send_header("Content-Length", "0")
@@ -76,7 +83,10 @@ class LoopbackHub:
             h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         if body and data is not None:
-            h.wfile.write(data)
+            cut = self.cut.pop(m.group(3), None)
+            h.wfile.write(data[:cut])
+            h.close_connection = True
+            self.down = cut is not None
 
     def gets(self):
         return sorted(path.rsplit("/", 1)[1] for method, path, _ in self.requests if method == "GET")
@@ -96,12 +106,16 @@ def hub():
     yield h
     h.stop()
 
-def download(tmp_path, endpoint, *args, script=DOWNLOADER):
+def hub_env(tmp_path, endpoint, **extra):  # a client of the loopback Hub only: no proxy, no Hub variable of ours
     env = {k: v for k, v in os.environ.items()
            if not k.upper().startswith(("HF_", "HUGGINGFACE_")) and "PROXY" not in k.upper()}
     env.update(HF_ENDPOINT=endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf_home"),
                HF_HUB_CACHE=str(tmp_path / "hf_cache"), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               NO_PROXY="127.0.0.1")
+               NO_PROXY="127.0.0.1", **extra)
+    return env
+
+def download(tmp_path, endpoint, *args, script=DOWNLOADER, **extra_env):
+    env = hub_env(tmp_path, endpoint, **extra_env)
     return subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=HANG_S)
 
 def bins(folder):
@@ -187,6 +201,138 @@ def test_bad_arguments(hub, tmp_path, args, named):
     line = one_error_line(download(tmp_path, hub.url, *args, "--dir", str(tmp_path / "out")))
     assert line.startswith("error:") and named in line
     assert hub.requests == [] and not (tmp_path / "out").exists()
+
+# ---------------------------------------------------------------- HellaSwag downloader
+
+HELLASWAG = os.path.join(ROOT, "data", "hellaswag.py")
+HS_PARQUET = "data/validation-00000-of-00001.parquet"  # Rowan/hellaswag's validation split on the Hub
+# the official hellaswag_val.jsonl's keys in its order (an item as rowanz/hellaswag published it)
+OFFICIAL_KEYS = ["ind", "activity_label", "ctx_a", "ctx_b", "ctx", "split", "split_type", "label", "endings",
+                 "source_id"]
+
+def hellaswag_rows(n=10042, seed=0):
+    """n rows with the Hub's columns (label a string, as the Hub has it), some of the text not ASCII."""
+    rng = np.random.default_rng(seed)
+    words = lambda k: " ".join("".join(rng.choice(list("abcdéfgh“”"), rng.integers(1, 6))) for _ in range(k))
+    rows = []
+    for i in range(n):
+        ctx_a, ctx_b = words(rng.integers(2, 9)), words(rng.integers(0, 3))
+        rows.append(dict(ind=i, activity_label=words(2), ctx_a=ctx_a, ctx_b=ctx_b, ctx=f"{ctx_a} {ctx_b}".strip(),
+                         endings=[words(rng.integers(1, 7)) for _ in range(4)], source_id=f"wikihow~{i}",
+                         split="val", split_type=["indomain", "zeroshot"][i % 2], label=str(rng.integers(4))))
+    return rows
+
+def parquet_bytes(rows):
+    import pyarrow as pa, pyarrow.parquet as pq
+    schema = pa.schema([("ind", pa.int32()), *[(k, pa.string()) for k in ["activity_label", "ctx_a", "ctx_b", "ctx"]],
+                        ("endings", pa.list_(pa.string())), *[(k, pa.string()) for k in ["source_id", "split",
+                                                                                        "split_type", "label"]]])
+    schema = pa.schema([field for field in schema if field.name in rows[0]])
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    return buffer.getvalue().to_pybytes()
+
+HS_ROWS = hellaswag_rows()
+
+@pytest.fixture(scope="module")
+def hs_parquet():
+    return parquet_bytes(HS_ROWS)
+
+@pytest.fixture
+def hs_hub(hs_parquet):
+    h = LoopbackHub({"Rowan/hellaswag": {HS_PARQUET: hs_parquet}})
+    yield h
+    h.stop()
+
+def official_lines(rows):  # what the official file holds for these rows: its keys in order, label a number
+    return [json.dumps({k: int(row[k]) if k == "label" else row[k] for k in OFFICIAL_KEYS}) for row in rows]
+
+def leftovers(folder):  # every file but the Hub client's own bookkeeping under .cache/
+    return sorted(str(p.relative_to(folder)) for p in pathlib.Path(folder).rglob("*")
+                  if p.is_file() and ".cache" not in p.parts)
+
+def test_hellaswag_download_by_two_processes_then_no_network(hs_hub, tmp_path):
+    out = tmp_path / "out"
+    both = [subprocess.Popen([sys.executable, HELLASWAG, "--dir", str(out)], env=hub_env(tmp_path, hs_hub.url),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]  # e.g. the ranks of torchrun
+    for p in both:
+        stdout, stderr = p.communicate(timeout=HANG_S)
+        assert p.returncode == 0 and stdout == f"{out / 'hellaswag_val.jsonl'}: 10042 HellaSwag validation items\n", \
+            stderr
+    lines = (out / "hellaswag_val.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines == official_lines(HS_ROWS)
+    assert [list(json.loads(line)) for line in lines[:3]] == [OFFICIAL_KEYS] * 3
+    assert leftovers(out) == ["data/validation-00000-of-00001.parquet", "hellaswag_val.jsonl"]
+    pinned = r"/datasets/Rowan/hellaswag/resolve/[0-9a-f]{40}/data/validation-00000-of-00001\.parquet"
+    assert all(re.fullmatch(pinned, path) for _, path, _ in hs_hub.requests)  # a commit, not a moving branch
+    assert {auth for _, _, auth in hs_hub.requests} == {f"Bearer {TOKEN}"}
+    assert [method for method, _, _ in hs_hub.requests].count("GET") == 1  # the other process waited for it
+    hs_hub.requests.clear()
+    assert download(tmp_path, hs_hub.url, "--dir", str(out), script=HELLASWAG).returncode == 0
+    assert hs_hub.requests == []  # a complete file: no network
+    (out / "hellaswag_val.jsonl").write_text("\n".join(lines[:-5]) + "\n")  # 5 items short: written again
+    r = download(tmp_path, hs_hub.url, "--dir", str(out), script=HELLASWAG)
+    assert r.returncode == 0, r.stderr
+    assert (out / "hellaswag_val.jsonl").read_text(encoding="utf-8").splitlines() == lines
+    assert hs_hub.gets() == []  # from the Parquet file already there, after the Hub said it is current
+
+def test_hellaswag_interrupted_download_leaves_nothing_then_completes(hs_hub, tmp_path, hs_parquet):
+    out = tmp_path / "out"
+    hs_hub.cut[HS_PARQUET] = len(hs_parquet) // 2  # half the file, then the Hub is unavailable
+    line = one_error_line(download(tmp_path, hs_hub.url, "--dir", str(out), script=HELLASWAG))
+    assert line.startswith("error: could not download data/validation-00000-of-00001.parquet of Rowan/hellaswag")
+    assert leftovers(out) == []
+    hs_hub.down = False
+    assert download(tmp_path, hs_hub.url, "--dir", str(out), script=HELLASWAG).returncode == 0
+    assert (out / "hellaswag_val.jsonl").read_text(encoding="utf-8").splitlines() == official_lines(HS_ROWS)
+
+WRONG_FILES = {  # what the Hub might serve instead, and what the error names
+    "garbage": (lambda: b"PAR1 not a Parquet file", "ArrowInvalid"),
+    "short": (lambda: parquet_bytes(HS_ROWS[:-1]), "10041 items, want 10042"),
+    "label": (lambda: parquet_bytes(HS_ROWS[:7] + [dict(HS_ROWS[7], label="4")] + HS_ROWS[8:]),
+              "row 8: want a ctx string"),
+    "no_endings": (lambda: parquet_bytes([{k: v for k, v in row.items() if k != "endings"} for row in HS_ROWS]),
+                   "row 1: not a HellaSwag item"),
+}
+
+@pytest.mark.parametrize("wrong", WRONG_FILES)
+def test_hellaswag_wrong_file_from_the_hub_is_deleted(tmp_path, wrong):
+    make, named = WRONG_FILES[wrong]
+    served = make()
+    hub = LoopbackHub({"Rowan/hellaswag": {HS_PARQUET: served}})
+    try:
+        line = one_error_line(download(tmp_path, hub.url, "--dir", str(tmp_path / "out"), script=HELLASWAG))
+    finally:
+        hub.stop()
+    assert "is not HellaSwag's validation set" in line and named in line and "deleted it" in line, line
+    assert leftovers(tmp_path / "out") == []
+
+def test_hellaswag_offline_server_gone_not_on_the_hub_and_no_pyarrow(hs_hub, tmp_path):
+    out = tmp_path / "out"
+    offline = download(tmp_path, "http://127.0.0.1:9", "--dir", str(out), script=HELLASWAG, HF_HUB_OFFLINE="1")
+    assert "missing, and HF_HUB_OFFLINE is set; unset it to download" in one_error_line(offline)
+    block = tmp_path / "no_pyarrow.py"  # the script as a process without pyarrow sees it
+    block.write_text(f"import runpy, sys\nsys.modules['pyarrow'] = None\nsys.argv[0] = {HELLASWAG!r}\n"
+                     f"runpy.run_path({HELLASWAG!r}, run_name='__main__')\n")
+    line = one_error_line(download(tmp_path, hs_hub.url, "--dir", str(out), script=str(block)))
+    assert "needs pyarrow: pip install pyarrow" in line and hs_hub.requests == []
+    assert download(tmp_path, hs_hub.url, "--dir", str(out), script=HELLASWAG).returncode == 0
+    hs_hub.stop()
+    for script, extra in [(HELLASWAG, dict(HF_HUB_OFFLINE="1")), (str(block), {})]:  # a complete file needs neither
+        r = download(tmp_path, hs_hub.url, "--dir", str(out), script=script, **extra)
+        assert r.returncode == 0, r.stderr
+    os.remove(out / "hellaswag_val.jsonl")  # offline, the Parquet file downloaded before is enough
+    assert download(tmp_path, hs_hub.url, "--dir", str(out), script=HELLASWAG, HF_HUB_OFFLINE="1").returncode == 0
+    empty = LoopbackHub({"Rowan/hellaswag": {}})  # (a Hub out of reach: huggingface-hub retries for 24 s first)
+    try:
+        line = one_error_line(download(tmp_path, empty.url, "--dir", str(tmp_path / "elsewhere"), script=HELLASWAG))
+    finally:
+        empty.stop()
+    assert line.startswith("error: could not download") and "404 Not Found" in line, line
+    (tmp_path / "file").write_text("x")
+    assert "not a folder" in one_error_line(download(tmp_path, hs_hub.url, "--dir", str(tmp_path / "file"),
+                                                     script=HELLASWAG))
 
 # ---------------------------------------------------------------- tokenizer
 

@@ -302,8 +302,11 @@ def test_hellaswag_refuses_bad_data_with_one_line(saved_run, plugin_env, tmp_pat
     for name, line in bad.items():
         (tmp_path / f"{name}.jsonl").write_text(good + "\n" + line + "\n")
         cases.append(([final, f"--data={tmp_path / name}.jsonl"], f"{tmp_path / name}.jsonl:2:"))
-    cases += [([final], "--data=FILE is missing"), ([final, "--data=nope.jsonl"], "nope.jsonl: cannot be read"),
-              ([final, "--data=x", "--seq_len=64"], "--seq_len=64: at least one block")]
+    cases += [([final, "--data=nope.jsonl"], "nope.jsonl: cannot be read"),
+              ([final, "--data=x", "--seq_len=64"], "--seq_len=64: at least one block"),
+              ([final], "hub_copy/hellaswag_val.jsonl: missing, and HF_HUB_OFFLINE is set")]  # no --data: the Hub's
+    monkeypatch.setattr(hellaswag.hellaswag_data, "DEFAULT_DIR", str(tmp_path / "hub_copy"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     refusals(hellaswag, HELLASWAG, cases, d, monkeypatch, plugin_env)
     # past the data, with the plugin encoding (in a process of its own: tiktoken finds plugins once)
     tool = [final, "--data=hellaswag.jsonl", "--encoding=evals_tiny"]  # the run's 30 items; its model takes 1024
@@ -321,8 +324,11 @@ def test_run_evals_checks_its_data_before_training(gpt_files, plugin_env, tmp_pa
              (["--run_evals=1", "--hellaswag_data=h.jsonl", "--eval_encoding=no_such"],
               "--eval_encoding=no_such: tiktoken cannot load it"),
              (["--run_evals=0", "--hellaswag_data=nope.jsonl", "--eval_encoding=no_such"], None)]
+    hub_copy = os.path.join(ROOT, "data", "hellaswag", "hellaswag_val.jsonl")
+    if not os.path.exists(hub_copy):  # no --hellaswag_data: the Hub's copy, which cannot come offline
+        cases.append((["--run_evals=1"], f"{hub_copy}: missing, and HF_HUB_OFFLINE is set"))
     for i, (extra, words) in enumerate(cases):
-        r = run_cli(flags + extra + [f"--run_id=x{i}"], tmp_path, env=plugin_env)
+        r = run_cli(flags + extra + [f"--run_id=x{i}"], tmp_path, env=dict(plugin_env, HF_HUB_OFFLINE="1"))
         if words is None:
             assert r.returncode == 0, r.stderr[-2000:]
             continue

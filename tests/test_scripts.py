@@ -48,7 +48,8 @@ def run(tmp_path, command, gpus=None, torch="installed", nvidia_smi=False, pytes
 
 def step(call):  # what a recorded call of run.sh does
     return ("install" if call.startswith("-m pip install") else "count GPUs" if call.startswith("-c ") else
-            "download" if "data/cached_fineweb10B.py" in call else "train" if "torch.distributed.run" in call else call)
+            "download" if "data/cached_fineweb10B.py" in call else "hellaswag" if "data/hellaswag.py" in call else
+            "train" if "torch.distributed.run" in call else call)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -70,6 +71,17 @@ def test_run_sh_installs_counts_downloads_then_trains(tmp_path):
     assert [step(call) for call in calls] == ["install", "count GPUs", "download", "train"], calls
     assert "requirements.txt" in calls[0]
     assert re.fullmatch(r"-m torch\.distributed\.run --standalone --nproc_per_node=2 train_gpt\.py --seed=1", calls[3])
+
+
+@pytest.mark.parametrize("args,fetched", [("--run_evals=1", True), ("--seed=2 --run_evals=True", True),
+                                          ("--run_evals=0", False), ("--run_evals=1 --hellaswag_data=h.jsonl", False)])
+def test_run_sh_fetches_hellaswag_before_a_run_that_scores_it(tmp_path, args, fetched):
+    result, calls = run(tmp_path, f"bash run.sh {args}", gpus=1)
+    assert result.returncode == 0, result.stderr
+    want = ["install", "count GPUs", "download"] + (["install", "hellaswag"] if fetched else []) + ["train"]
+    assert [step(call) for call in calls] == want, calls
+    assert not fetched or calls[3] == "-m pip install -q pyarrow"
+    assert calls[-1].endswith(f"train_gpt.py {args}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
