@@ -316,6 +316,17 @@ def test_hellaswag_refuses_bad_data_with_one_line(saved_run, plugin_env, tmp_pat
                                                                            env=plugin_env))
 
 
+def test_hellaswag_without_data_reads_the_hub_copy(tmp_path, monkeypatch):
+    # no --data: data/hellaswag/hellaswag_val.jsonl (here a folder of the test's), complete, so no network is asked
+    items = [(f"a context {i}", [f"ending {i} {k}" for k in range(4)], i % 4) for i in range(10042)]
+    (tmp_path / "hub_copy").mkdir()
+    write_items(tmp_path / "hub_copy" / "hellaswag_val.jsonl", items)
+    monkeypatch.setattr(hellaswag.hellaswag_data, "DEFAULT_DIR", str(tmp_path / "hub_copy"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert hellaswag.load_items(None) == items
+    assert hellaswag.parse(["x.pt"])[1]["data"] is None
+
+
 def test_run_evals_checks_its_data_before_training(gpt_files, plugin_env, tmp_path):
     # a missing file or an encoding tiktoken cannot load: one line before the log exists; neither matters without it
     flags = gpt_files + TINY + ["--num_iterations=2", "--num_extension_iterations=1", "--eval_encoding=evals_tiny"]
