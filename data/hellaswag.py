@@ -34,8 +34,8 @@ def parse_item(item):
         why = f"not a HellaSwag item (a JSON object with ctx, endings and label; {type(e).__name__})"
         raise ValueError(why) from None
     if not (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
-            and all(isinstance(e, str) and e for e in endings) and 0 <= label < 4):
-        raise ValueError("want a ctx string, 4 non-empty ending strings and a label 0-3")
+            and all(isinstance(e, str) for e in endings) and 0 <= label < 4):
+        raise ValueError("want a ctx string, 4 ending strings and a label 0-3")
     return ctx, endings, label
 
 

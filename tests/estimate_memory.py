@@ -8,10 +8,10 @@ operator. What runs is the real code: Trainer(h, rank=0, world=8) with the defau
 11 layers, width 768, 6 heads, vocab 50304, 5 value-embedding tables, a bigram hash table of 377,280 rows, the
 NorMuon banks in bf16, each rank keeping its matrices' low 16 bits) and two consecutive train_step calls of the
 last stage after the untie (steps 848 and 849 of the default schedule: a slot of 393,216 / 8 = 49,152 tokens,
-windows (5, 11), one prediction, no prefix loss; the second step also runs Adam, on gradients accumulated over both steps), with
-trainer.tied = False as a run resumed there has it, and with the choices Trainer and GPT make on an H100: bf16 model,
-FlexAttention BlockMasks, FP8 head and MLP projections. The step runs eagerly (no torch.compile). To make that
-possible on a CPU build of torch, and nothing else:
+windows (5, 11), one prediction, no prefix loss; the second step also runs Adam, on gradients accumulated over both
+steps), with trainer.tied = False as a run resumed there has it, and with the choices Trainer and GPT make on an
+H100: bf16 model, FlexAttention BlockMasks, FP8 head and MLP projections. The step runs eagerly (no torch.compile).
+To make that possible on a CPU build of torch, and nothing else:
 - the tensors are fake CPU tensors (a CPU build cannot index a fake CUDA tensor), so GPT gets the dtype Trainer picks
   on CUDA (bf16), Trainer.flex, lm_head.fp8 and the model's fp8_mlp are set as on an H100, and the GPT is built on
   the meta device (a module built under FakeTensorMode cannot be cast with .to);

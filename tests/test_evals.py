@@ -196,7 +196,6 @@ def test_sample_refuses_bad_input_with_one_line(saved_run, plugin_env, monkeypat
 # ---------------------------------------------------------------------------------------------- hellaswag.py
 
 
-
 def plugin_encoding():
     import tiktoken
     namespace = {}

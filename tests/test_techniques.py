@@ -351,7 +351,8 @@ def test_readme_snapshot_memory_is_the_record_models():
     readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
     assert (f"record model's {sum(counts.values()) / 1e6:.1f} M parameters are bf16 on a GPU (2 bytes; the {fp32} "
             f"scalars and lambdas fp32), {snapshot / 1e9:.2f} GB, so 8 snapshots take about "
-            f"{8 * snapshot / 1e9:.1f} GB of host memory on every rank ({8 * 8 * snapshot / 1e9:.0f} GB on an 8-GPU machine)") in readme
+            f"{8 * snapshot / 1e9:.1f} GB of host memory on every rank ({8 * 8 * snapshot / 1e9:.0f} GB on an 8-GPU "
+            "machine)") in readme
 
 @pytest.mark.parametrize("mode", ["l2", "none"])  # cautious and decoupled run in the tests above
 def test_every_decay_mode_runs(tmp_path, gpt_files, mode, monkeypatch):
