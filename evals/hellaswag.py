@@ -122,11 +122,12 @@ def parse(argv):
 
 def main(argv):
     path, opts = parse(argv)
-    items = load_items(opts["data"])  # before any heavy work
+    items = load_items(opts["data"]) if opts["data"] else None  # a local file: before any heavy work
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = tg.pick_device()
     tg.start_group(device, world)
     trainer, step = tg.load_for_eval(path, rank, world, device)
+    items = items or load_items(None)  # the Hub's copy, downloaded if need be once the checkpoint has loaded
     enc = tg.tool_encoding(opts["encoding"], trainer.h.vocab_size)
     longest = trainer.model.rotary.max_len  # what the rotary tables cover: a training slot or a validation slab
     if (opts["seq_len"] or 0) > longest:

@@ -258,8 +258,8 @@ def test_hellaswag_download_by_two_processes_then_no_network(hs_hub, tmp_path):
             for _ in range(2)]  # e.g. the ranks of torchrun
     for p in both:
         stdout, stderr = p.communicate(timeout=HANG_S)
-        assert p.returncode == 0 and stdout == f"{out / 'hellaswag_val.jsonl'}: 10042 HellaSwag validation items\n", \
-            stderr
+        assert p.returncode == 0, stderr
+        assert stdout == f"{out / 'hellaswag_val.jsonl'}: 10042 HellaSwag validation items\n"
     lines = (out / "hellaswag_val.jsonl").read_text(encoding="utf-8").splitlines()
     assert lines == official_lines(HS_ROWS)
     assert [list(json.loads(line)) for line in lines[:3]] == [OFFICIAL_KEYS] * 3

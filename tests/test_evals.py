@@ -303,7 +303,8 @@ def test_hellaswag_refuses_bad_data_with_one_line(saved_run, plugin_env, tmp_pat
         cases.append(([final, f"--data={tmp_path / name}.jsonl"], f"{tmp_path / name}.jsonl:2:"))
     cases += [([final, "--data=nope.jsonl"], "nope.jsonl: cannot be read"),
               ([final, "--data=x", "--seq_len=64"], "--seq_len=64: at least one block"),
-              ([final], "hub_copy/hellaswag_val.jsonl: missing, and HF_HUB_OFFLINE is set")]  # no --data: the Hub's
+              ([final], "hub_copy/hellaswag_val.jsonl: missing, and HF_HUB_OFFLINE is set"),  # no --data: the Hub's
+              (["nope.pt"], "nope.pt: no such file")]  # which is fetched only for a checkpoint that loads
     monkeypatch.setattr(hellaswag.hellaswag_data, "DEFAULT_DIR", str(tmp_path / "hub_copy"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     refusals(hellaswag, HELLASWAG, cases, d, monkeypatch, plugin_env)
