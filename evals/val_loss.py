@@ -4,8 +4,9 @@ rotary state and arithmetic (Trainer.evaluate), on any number of processes.
     python evals/val_loss.py logs/<run_id>/state_step001285.pt [--val_files=PATTERN]
     torchrun --standalone --nproc_per_node=8 evals/val_loss.py CHECKPOINT
 
-Prints one line, `val_loss:3.2781 step:1285 val_tokens:10485760`. --val_files points at this machine's copy of the
-validation shards when the run's path does not hold them (the tokens must be the same for the same number).
+Prints one line, `val_loss:x.xxxx step:1285 val_tokens:10485760` (4 decimals, as the log). --val_files points at
+this machine's copy of the validation shards when the run's path does not hold them (the tokens must be the same for
+the same number).
 """
 import os
 import sys
