@@ -115,7 +115,8 @@ def fetch(folder=None):
                                   local_dir=folder)
     except Exception as e:
         if constants.HF_HUB_OFFLINE:
-            raise DataError(f"{path}: {why}, and HF_HUB_OFFLINE is set; unset it to download HellaSwag from {REPO}")
+            raise DataError(f"{path}: {why}, and HF_HUB_OFFLINE is set; unset it to download HellaSwag from "
+                            f"{REPO}") from None
         raise DataError(f"could not download {PARQUET} of {REPO} from {constants.ENDPOINT} ({root_cause(e)}); check "
                         "the network, HF_ENDPOINT and HF_TOKEN, then rerun") from None
     written = f"{path}.{os.getpid()}.tmp"
