@@ -13,7 +13,7 @@ package it needs beyond requirements.txt: Parquet is a compressed columnar forma
 with the official keys, label a number. Every row is checked, and their count, before the file takes its name; a file
 that holds 10,042 valid items is used without any network access. Exit code 0 only when the file is complete.
 """
-import argparse, json, os, sys
+import argparse, fcntl, json, os, sys
 
 REPO, REVISION = "Rowan/hellaswag", "049e80830aedaee63cd025622acf83822eb46553"  # the commit that holds data/*.parquet
 PARQUET, ITEMS = "data/validation-00000-of-00001.parquet", 10042
@@ -94,8 +94,8 @@ def write_jsonl(rows, path):
 
 def fetch(folder=None):
     """The path of folder/hellaswag_val.jsonl (default: data/hellaswag/), downloaded and written first unless it is
-    complete. Any number of processes may call it at once: the download is locked, each writes a file of its own and
-    renames it."""
+    complete. Any number of processes may call it at once (the ranks of torchrun): one downloads and writes under a
+    lock on folder/.lock, the others wait for it and then find the file complete."""
     folder = folder or DEFAULT_DIR
     path = os.path.join(folder, "hellaswag_val.jsonl")
     why = problem(path)
@@ -108,6 +108,21 @@ def fetch(folder=None):
     except ImportError:
         raise DataError("reading the Hub's Parquet copy of HellaSwag needs pyarrow: pip install pyarrow (or pass a "
                         "local hellaswag_val.jsonl)") from None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a")
+    except OSError as e:
+        raise DataError(f"{folder}: cannot write there ({type(e).__name__}); name a folder you can write") from None
+    with lock:
+        # The Hub client locks only its transfer: a second caller that looked before the first had finished deletes
+        # and fetches the file again while the first reads it. So the whole fetch is locked, here.
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, by the kernel if this process dies
+        why = problem(path)
+        return path if why is None else download_and_write(folder, path, why)
+
+
+def download_and_write(folder, path, why):  # fetch's work, under its lock
+    import pyarrow.parquet
     from huggingface_hub import constants, hf_hub_download, logging
     logging.set_verbosity_error()  # its warnings (a retried transfer) are not the user's business; errors say below
     try:  # offline, a Parquet file downloaded before is still used

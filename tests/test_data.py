@@ -1,5 +1,5 @@
 """data/: the FineWeb downloader against a loopback Hub, and the tokenizer for one's own text."""
-import gzip, hashlib, json, os, pathlib, re, runpy, shutil, subprocess, sys, threading
+import gzip, hashlib, json, os, pathlib, re, runpy, shutil, subprocess, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
@@ -41,10 +41,11 @@ class LoopbackHub:
     """Serves the Hub's file protocol on 127.0.0.1: HEAD/GET /datasets/{repo}/resolve/{revision}/{file path},
     with the headers hf_hub_download reads (X-Repo-Commit, ETag, Content-Length, X-Error-Code on 404).
     `cut[file] = n`: the next GET of that file sends n bytes of its body and closes, and every request after it gets
-    503 until `down` is False again. Records every request; shuts itself down after 120 s at the latest."""
+    503 until `down` is False again. `slow[file] = s`: every GET of that file waits s seconds before its body.
+    Records every request; shuts itself down after 120 s at the latest."""
 
     def __init__(self, repos):
-        self.repos, self.requests, self.cut, self.down = repos, [], {}, False
+        self.repos, self.requests, self.cut, self.down, self.slow = repos, [], {}, False, {}
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -83,6 +84,7 @@ class LoopbackHub:
             h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         if body and data is not None:
+            time.sleep(self.slow.get(m.group(3), 0))
             cut = self.cut.pop(m.group(3), None)
             h.wfile.write(data[:cut])
             h.close_connection = True
@@ -247,12 +249,13 @@ def hs_hub(hs_parquet):
 def official_lines(rows):  # what the official file holds for these rows: its keys in order, label a number
     return [json.dumps({k: int(row[k]) if k == "label" else row[k] for k in OFFICIAL_KEYS}) for row in rows]
 
-def leftovers(folder):  # every file but the Hub client's own bookkeeping under .cache/
+def leftovers(folder):  # every file but the empty .lock and the Hub client's own bookkeeping under .cache/
     return sorted(str(p.relative_to(folder)) for p in pathlib.Path(folder).rglob("*")
-                  if p.is_file() and ".cache" not in p.parts)
+                  if p.is_file() and ".cache" not in p.parts and p.relative_to(folder).parts != (".lock",))
 
 def test_hellaswag_download_by_two_processes_then_no_network(hs_hub, tmp_path):
     out = tmp_path / "out"
+    hs_hub.slow[HS_PARQUET] = 3  # the second process asks while the first is still downloading
     both = [subprocess.Popen([sys.executable, HELLASWAG, "--dir", str(out)], env=hub_env(tmp_path, hs_hub.url),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]  # e.g. the ranks of torchrun
@@ -333,6 +336,8 @@ def test_hellaswag_offline_server_gone_not_on_the_hub_and_no_pyarrow(hs_hub, tmp
     (tmp_path / "file").write_text("x")
     assert "not a folder" in one_error_line(download(tmp_path, hs_hub.url, "--dir", str(tmp_path / "file"),
                                                      script=HELLASWAG))
+    line = one_error_line(download(tmp_path, hs_hub.url, "--dir", str(tmp_path / "file" / "sub"), script=HELLASWAG))
+    assert line.endswith("sub: cannot write there (NotADirectoryError); name a folder you can write"), line
 
 # ---------------------------------------------------------------- tokenizer
 
