@@ -6,12 +6,13 @@
 evals/hellaswag.py and train_gpt.py --run_evals=1 read data/hellaswag/hellaswag_val.jsonl by default and call this
 first. GitHub has disabled the official file's home (rowanz/hellaswag, a DMCA notice of 14 September 2026); the Hub's
 Rowan/hellaswag keeps the same items as one Parquet file, the copy public evaluations now read (modded-nanogpt's
-evals/hellaswag.py loads it with the datasets library). This script downloads that file with huggingface-hub at a
-pinned commit into the target folder (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE work as usual; an interrupted download
-leaves nothing that passes for complete, and the next run fetches the file again), reads it with pyarrow (the one
-package it needs beyond requirements.txt: Parquet is a compressed columnar format) and writes one JSON object a line
-with the official keys, label a number. Every row is checked, and their count, before the file takes its name; a file
-that holds 10,042 valid items is used without any network access. Exit code 0 only when the file is complete.
+evals/hellaswag.py loads it with the datasets library). This script downloads that file with huggingface-hub at a pinned
+commit into the target folder (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE work as usual; it retries a dropped connection;
+an interrupted download leaves nothing that passes for complete, and the next run fetches the file again), reads it with
+pyarrow (the one package it needs beyond requirements.txt: Parquet is a compressed columnar format) and writes one JSON
+object a line with the official keys, label a number. Every row is checked, and their count, before the file takes its
+name; a file that holds 10,042 valid items is used without any network access. Exit code 0 only when the file is
+complete.
 """
 import argparse, fcntl, json, os, sys
 

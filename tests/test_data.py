@@ -41,11 +41,11 @@ class LoopbackHub:
     """Serves the Hub's file protocol on 127.0.0.1: HEAD/GET /datasets/{repo}/resolve/{revision}/{file path},
     with the headers hf_hub_download reads (X-Repo-Commit, ETag, Content-Length, X-Error-Code on 404).
     `cut[file] = n`: the next GET of that file sends n bytes of its body and closes, and every request after it gets
-    503 until `down` is False again. `slow[file] = s`: every GET of that file waits s seconds before its body.
-    Records every request; shuts itself down after 120 s at the latest."""
+    503 until `down` is False again; `drop[file] = n` the same with the Hub still up. `slow[file] = s`: every GET of
+    that file waits s seconds before its body. Records every request; shuts itself down after 120 s at the latest."""
 
     def __init__(self, repos):
-        self.repos, self.requests, self.cut, self.down, self.slow = repos, [], {}, False, {}
+        self.repos, self.requests, self.cut, self.drop, self.down, self.slow = repos, [], {}, {}, False, {}
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,8 +85,8 @@ class LoopbackHub:
         h.end_headers()
         if body and data is not None:
             time.sleep(self.slow.get(m.group(3), 0))
-            cut = self.cut.pop(m.group(3), None)
-            h.wfile.write(data[:cut])
+            cut, drop = self.cut.pop(m.group(3), None), self.drop.pop(m.group(3), None)
+            h.wfile.write(data[:cut if cut is not None else drop])
             h.close_connection = True
             self.down = cut is not None
 
@@ -288,6 +288,16 @@ def test_hellaswag_interrupted_download_leaves_nothing_then_completes(hs_hub, tm
     assert leftovers(out) == []
     hs_hub.down = False
     assert download(tmp_path, hs_hub.url, "--dir", str(out), script=HELLASWAG).returncode == 0
+    assert (out / "hellaswag_val.jsonl").read_text(encoding="utf-8").splitlines() == official_lines(HS_ROWS)
+
+def test_hellaswag_dropped_connection_is_retried_in_the_same_run(hs_hub, tmp_path, hs_parquet):
+    hs_hub.drop[HS_PARQUET] = len(hs_parquet) // 2  # the connection closes halfway; the Hub stays up
+    out = tmp_path / "out"
+    r = download(tmp_path, hs_hub.url, "--dir", str(out), script=HELLASWAG)
+    assert r.returncode == 0, r.stderr
+    # The same run asks again. (huggingface-hub resumes from the bytes it has written, in 10 MiB chunks: for the real
+    # file of 6.3 MB, and this one, that is none, so its second request is for the whole file.)
+    assert hs_hub.gets() == [HS_PARQUET.rsplit("/", 1)[1]] * 2
     assert (out / "hellaswag_val.jsonl").read_text(encoding="utf-8").splitlines() == official_lines(HS_ROWS)
 
 WRONG_FILES = {  # what the Hub might serve instead, and what the error names
