@@ -127,6 +127,7 @@ for step in range(2):
     muon.step(1.0, 0.9)
 out["muon"] = dict(bank=bank.detach().clone(), lo=muon.groups[0]["lo"].clone(), sent=sent, grads=gs)
 torch.save(out, f"rank{{rank}}.pt")
+dist.destroy_process_group()  # gloo's threads left to interpreter exit can abort it (pytorch/pytorch#190489)
 """
 
 @pytest.fixture(scope="module")
