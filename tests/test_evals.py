@@ -278,8 +278,8 @@ def test_hellaswag_packs_score_each_ending_as_its_own_forward(final_model):
         for index, item_spans in spans:
             for j, (a, _) in enumerate(item_spans):
                 before[(index, j)] = list(tokens[:a - len(tokenized[index][0])]), len(tokens)  # up to the BOS
-    ahead = one_by_one(trainer, step, items, enc, before)
-    for index, want in enumerate(ahead):
+    in_pack = one_by_one(trainer, step, items, enc, before)
+    for index, want in enumerate(in_pack):
         np.testing.assert_allclose([s for s, _ in packed[index]], [s for s, _ in want], rtol=1e-6, atol=1e-6)
     acc, acc_norm, n, _ = hellaswag.evaluate(trainer, step, items, enc, 512)
     labels = [label for _, _, label in items]
